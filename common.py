@@ -1,0 +1,507 @@
+"""common.py: what sft.py, grpo.py and opsd.py share, as plain functions.
+
+Model and tokenizer loading, data, prompts and answer checking, generation, evaluation, AdamW and
+the learning-rate schedule, checkpointing and logging. Nothing here knows which method is running.
+"""
+import argparse
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lora import load_lora, save_lora
+
+REPO = Path(__file__).resolve().parent
+TOY_DIR = REPO / "toy"  # the built-in task (train.jsonl, test.jsonl) and model (toy/model)
+
+
+class InputError(Exception):
+    """Bad input from the user (file, field, model name): the scripts print it as one line."""
+
+
+def run_cli(main):
+    """Run a script's main(), turning an InputError into a one-line message and exit code 2."""
+    try:
+        main()
+    except InputError as error:
+        sys.exit(f"error: {error}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments shared by the three scripts (same flag, same meaning everywhere)
+
+def add_common_args(parser):
+    add = parser.add_argument
+    add("--model", default="toy", help="Hugging Face model id or local folder; 'toy' = built-in")
+    add("--data", default="toy", help="'toy' or a local .jsonl/.json file of problems")
+    add("--eval-data", default=None, help="held-out file (default: a fixed slice of --data)")
+    add("--out", default=None, help="output folder (default: out/<script>)")
+    add("--steps", type=int, default=100, help="total optimizer steps")
+    add("--batch-size", type=int, default=32, help="prompts per optimizer step")
+    add("--micro-batch-size", type=int, default=None, help="rows per forward pass (accumulation)")
+    add("--lr", type=float, default=5e-6)
+    add("--warmup-steps", type=int, default=0)
+    add("--schedule", choices=["cosine", "constant"], default="cosine")
+    add("--weight-decay", type=float, default=0.0)
+    add("--max-grad-norm", type=float, default=1.0)
+    add("--seed", type=int, default=0)
+    add("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    add("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    add("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    add("--lora-r", type=int, default=64)
+    add("--lora-alpha", type=float, default=128.0)
+    add("--lora-dropout", type=float, default=0.0)
+    add("--gradient-checkpointing", action="store_true")
+    add("--max-new-tokens", type=int, default=1024)
+    add("--eval-n", type=int, default=500, help="held-out problems to evaluate on")
+    add("--eval-batch-size", type=int, default=64)
+
+
+def apply_toy_settings(args, parser, argv, toy_settings):
+    """With the built-in toy model, replace defaults by `toy_settings` for flags the user did not pass.
+
+    The defaults of the scripts follow the papers' settings for real LLMs; a 1M-parameter model needs
+    others (a higher learning rate, a smaller LoRA rank, a lower sampling temperature).
+    """
+    if args.model != "toy":
+        return
+    argv = sys.argv[1:] if argv is None else argv
+    given = {action.dest for action in parser._actions for option in action.option_strings
+             if any(arg == option or arg.startswith(option + "=") for arg in argv)}
+    used = {key: value for key, value in toy_settings.items() if key not in given}
+    for key, value in used.items():
+        setattr(args, key, value)
+    print("toy settings: " + ", ".join(f"{key}={value}" for key, value in used.items()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and tokenizer
+
+def load_model(name_or_path="toy", gradient_checkpointing=False, device=None):
+    """Load (model, tokenizer): bf16 on CUDA, fp32 on CPU; Flash Attention 2 when installed, else SDPA."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import, only when needed
+    from transformers.utils.logging import disable_progress_bar
+    disable_progress_bar()  # per-file loading bars would drown the one-line-per-step log
+    path = str(TOY_DIR / "model") if name_or_path == "toy" else name_or_path
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    has_flash = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation="flash_attention_2" if has_flash else "sdpa")
+    except (OSError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"cannot load model '{name_or_path}': not a model folder here and not a "
+                         f"downloadable Hugging Face model id ({reason})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # safe: masks are built from lengths, not pad ids
+    tokenizer.padding_side = "left"  # generation appends on the right, so prompts align on the right
+    model.to(device)
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing lets gradients reach LoRA weights even though the frozen
+        # embedding output does not require grad (the reentrant variant fails there).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def device_of(model):
+    return next(model.parameters()).device
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: records in GSM8K form {"question", "answer": "steps...\n#### 18"} or {"problem", "solution"}
+
+def read_records(path):
+    """Read a .jsonl (one object a line) or .json (a list of objects) file; errors name the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path}:{error.lineno}: bad JSON ({error.msg})") from None
+        if not isinstance(records, list):
+            raise InputError(f"{path}: expected a JSON list of records")
+        numbered = list(enumerate(records, start=1))
+    else:
+        numbered = []
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((line_number, json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}:{line_number}: bad JSON ({error.msg})") from None
+    if not numbered:
+        raise InputError(f"{path}: no records (empty file)")
+    return [to_example(record, f"{path}:{number}") for number, record in numbered]
+
+
+def to_example(record, where):
+    """One record -> {"question", "solution", "answer"}; `answer` is the short final answer."""
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object")
+    question = record.get("question", record.get("problem"))
+    solution = record.get("answer", record.get("solution"))  # GSM8K's "answer" is the worked solution
+    if not isinstance(question, str) or not question.strip():
+        raise InputError(f"{where}: missing field 'question' (or 'problem')")
+    if not isinstance(solution, str) or not solution.strip():
+        raise InputError(f"{where}: missing field 'answer' (or 'solution') with a worked solution")
+    final = record.get("final_answer", record.get("Answer"))
+    final = normalize_answer(str(final)) if final is not None else extract_answer(solution)
+    if final is None:
+        raise InputError(f"{where}: no final answer: add 'final_answer', or end the solution with "
+                         "'#### N' or \\boxed{N}")
+    return {"question": question, "solution": solution, "answer": final}
+
+
+def load_examples(spec, split="train", holdout=500):
+    """Examples of `spec` ('toy' or a file) for split 'train', 'test' or 'all'.
+
+    A single file is split by a fixed-seed shuffle: the test split is min(holdout, 10%) of it, the
+    same on every run and machine, and never overlaps the train split.
+    """
+    if spec == "toy":
+        return read_records(TOY_DIR / f"{split if split != 'all' else 'train'}.jsonl")
+    examples = read_records(spec)
+    if split == "all":
+        return examples
+    order = list(range(len(examples)))
+    random.Random(1234).shuffle(order)
+    num_test = min(holdout, max(1, len(examples) // 10))
+    chosen = order[:num_test] if split == "test" else order[num_test:]
+    if not chosen:
+        raise InputError(f"{spec}: too few records to hold out a test split ({len(examples)})")
+    return [examples[i] for i in sorted(chosen)]
+
+
+def batch_indices(num_examples, batch_size, position, seed):
+    """Indices of the examples at data positions [position, position + batch_size).
+
+    Each epoch is a fresh permutation seeded by (seed, epoch), so the data order is a pure function
+    of the position: resuming only needs the position, and no sampler state.
+    """
+    indices = []
+    for p in range(position, position + batch_size):
+        epoch, offset = divmod(p, num_examples)
+        generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+        indices.append(int(torch.randperm(num_examples, generator=generator)[offset]))
+    return indices
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts and answer checking
+
+INSTRUCTIONS = {
+    "####": "Solve it step by step and write the final answer after '####'.",
+    "boxed": "Please reason step by step, and put your final answer within \\boxed{}.",
+}
+
+
+def answer_style(solution):
+    """The data set's style of final answer, read from a reference solution: '####' or 'boxed'."""
+    return "####" if "####" in solution else "boxed"
+
+
+def student_prompt(question, style="####"):
+    """What the model sees when it solves a problem (SFT, GRPO, the OPSD student): no solution."""
+    return f"{question}\n{INSTRUCTIONS[style]}"
+
+
+def teacher_prompt(question, solution):
+    """The OPSD teacher's prompt: the problem, the reference solution, then an instruction to solve
+    it anew (Zhao et al. 2026, arXiv 2601.18734). The toy base is taught to read exactly this text."""
+    return (f"{question}\n\nHere is a reference solution:\n{solution}\n\n"
+            "After understanding the reference solution, please try to solve this problem using "
+            f"your own approach below.\n{INSTRUCTIONS[answer_style(solution)]}")
+
+
+def chat_prompt(tokenizer, message):
+    """The text the model continues: its chat template when it has one, else a plain format."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True,
+            enable_thinking=False)  # Qwen3: answer directly, no <think> block (as OPSD's 1k budget)
+    return f"Problem: {message}\nSolution:\n"
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} in text, with nested braces; None if there is none."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def normalize_answer(answer):
+    """Canonical form of a final answer: '$1,000.00' -> '1000', ' 18. ' -> '18', else no spaces."""
+    answer = answer.strip().replace("\\$", "").replace("$", "").replace(",", "").rstrip(".").strip()
+    try:
+        value = float(answer)
+    except ValueError:
+        return answer.replace(" ", "")
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def extract_answer(text):
+    """Final answer of a solution or completion: the last \\boxed{...}, else what follows the last
+    '####' (its leading number if it starts with one). None when neither is present."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return normalize_answer(boxed)
+    if "####" not in text:
+        return None
+    lines = text.rsplit("####", 1)[1].strip().splitlines()
+    if not lines:
+        return None
+    number = re.match(r"\$?\s*-?[\d,]*\.?\d+", lines[0])
+    return normalize_answer(number.group(0) if number else lines[0])
+
+
+def is_correct(completion, reference_answer):
+    predicted = extract_answer(completion)
+    return predicted is not None and predicted == normalize_answer(reference_answer)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation, log-probabilities, evaluation
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
+             num_samples=1):
+    """Sample `num_samples` completions per prompt in one batched call (KV cache, left padding).
+
+    temperature 0 is greedy decoding. Returns a dict with prompt_ids [N, P] (left padded),
+    prompt_mask [N, P], completion_ids [N, T] (right padded), completion_mask [N, T] (1 up to and
+    including the first EOS), texts (N decoded completions) and num_generated_tokens;
+    N = len(prompts) * num_samples, rows of one prompt are adjacent.
+    """
+    from transformers import GenerationConfig
+    device = device_of(model)
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=False).to(device)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        **(sampling if temperature > 0 else dict(do_sample=False)))
+    was_training = model.training
+    model.eval()
+    output = model.generate(**encoded, generation_config=config)
+    model.train(was_training)
+    prompt_length = encoded["input_ids"].shape[1]
+    completion_ids = output[:, prompt_length:]
+    # Mask from the position of the first EOS, not from token equality: pad may equal EOS.
+    is_eos = completion_ids == tokenizer.eos_token_id
+    T = completion_ids.shape[1]
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), T)
+    completion_mask = (torch.arange(T, device=device)[None, :] <= first_eos[:, None]).long()
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
+    return {
+        "prompt_ids": encoded["input_ids"].repeat_interleave(num_samples, 0),
+        "prompt_mask": encoded["attention_mask"].repeat_interleave(num_samples, 0),
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "texts": tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
+        "num_generated_tokens": int(completion_mask.sum()),
+    }
+
+
+def pack_rows(prompt_ids, completion_ids, pad_id, device):
+    """Right-padded [prompt + completion] rows for a training forward pass.
+
+    prompt_ids and completion_ids are lists of token-id lists. Returns input_ids [B, L],
+    attention_mask [B, L], and completion_mask [B, L-1], aligned with the targets input_ids[:, 1:]:
+    1 where the target is a completion token (EOS included). Built from lengths, never from token
+    equality, so an EOS equal to the pad token is still trained.
+    """
+    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+    L = max(lengths)
+    input_ids = torch.full((len(lengths), L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(lengths), L, dtype=torch.long)
+    completion_mask = torch.zeros(len(lengths), L - 1, dtype=torch.long)
+    for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
+        input_ids[row, :lengths[row]] = torch.tensor(prompt + completion)
+        attention_mask[row, :lengths[row]] = 1
+        completion_mask[row, len(prompt) - 1:lengths[row] - 1] = 1  # target t is token t+1
+    return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
+
+
+def token_logprobs(model, input_ids, attention_mask):
+    """log p(x_{t+1} | x_<=t) for every position: [B, L-1], in float32.
+
+    cross_entropy over the flattened logits avoids keeping a full [B, L, V] log-softmax.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    targets = input_ids[:, 1:]
+    logits = logits[:, :-1].float()  # [B, L-1, V]
+    return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+
+def format_seconds(seconds):
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def evaluate(model, tokenizer, examples, max_new_tokens, batch_size=64, open_book=False):
+    """Greedy accuracy on `examples`: {"accuracy": float, "n": int}.
+
+    open_book=True puts the reference solution in the prompt (the OPSD teacher's view).
+    Shows progress with an ETA on stderr.
+    """
+    correct, start = 0, time.time()
+    for first in range(0, len(examples), batch_size):
+        batch = examples[first:first + batch_size]
+        messages = [teacher_prompt(e["question"], e["solution"]) if open_book else
+                    student_prompt(e["question"], answer_style(e["solution"])) for e in batch]
+        prompts = [chat_prompt(tokenizer, m) for m in messages]
+        texts = generate(model, tokenizer, prompts, max_new_tokens)["texts"]
+        correct += sum(is_correct(t, e["answer"]) for t, e in zip(texts, batch))
+        done = first + len(batch)
+        eta = (time.time() - start) / done * (len(examples) - done)
+        print(f"\r  eval {done}/{len(examples)}  acc {correct / done:.3f}  eta "
+              f"{format_seconds(eta)}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return {"accuracy": correct / max(1, len(examples)), "n": len(examples)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser and schedule
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW over the trainable parameters; no weight decay on biases and norm weights (1-D)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999))
+
+
+def make_scheduler(optimizer, warmup_steps, total_steps, schedule="cosine"):
+    """Linear warmup from 0 to the peak lr, then cosine decay to 0 (or constant)."""
+    def lr_factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: out/checkpoint-<step>/ holds the adapter (PEFT layout) or full weights, plus
+# trainer_state.pt (optimizer, scheduler, RNG), state.json (step, data position, ...), args.json.
+
+def rng_state():
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, state, args):
+    """Write checkpoint-<step> atomically: into a temporary folder, then one rename.
+
+    A crash while writing leaves only the temporary folder, which resume ignores; the previous
+    checkpoint is deleted only after the new one is in place.
+    """
+    out = Path(out)
+    final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if args.full:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    else:
+        save_lora(model, tmp, base_model=args.model)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state()}, tmp / "trainer_state.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    (tmp / "args.json").write_text(json.dumps(vars(args), indent=2))
+    for file in tmp.iterdir():  # make the bytes durable before the rename publishes them
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in out.glob("checkpoint-*"):
+        if old != final:
+            shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(out):
+    folders = sorted(Path(out).glob("checkpoint-*"))
+    return folders[-1] if folders else None
+
+
+def load_checkpoint(folder, model, optimizer, scheduler, full):
+    """Restore weights, optimizer, scheduler and RNG from `folder`; return its state.json dict."""
+    from safetensors.torch import load_file
+    if full:
+        weights = {}
+        for file in sorted(Path(folder).glob("*.safetensors")):
+            weights.update(load_file(file, device=str(device_of(model))))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        if unexpected or set(missing) - tied:
+            raise InputError(f"{folder}: weights do not match the model ({missing or unexpected})")
+    else:
+        load_lora(model, folder)
+    trainer_state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(trainer_state["optimizer"])
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    set_rng_state(trainer_state["rng"])
+    return json.loads((Path(folder) / "state.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging: one line per step on stdout, one JSON object per step in metrics.jsonl
+
+def open_metrics(out, resumed_step):
+    """metrics.jsonl in `out`; on resume, drop rows past the checkpoint (they will be redone)."""
+    path = Path(out) / "metrics.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    if resumed_step and path.exists():
+        rows = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= resumed_step]
+    path.write_text("".join(row + "\n" for row in rows))
+    return open(path, "a")
+
+
+def log_step(metrics_file, metrics, total_steps, seconds_per_step):
+    """Print one line for the step and append its metrics as JSON."""
+    metrics_file.write(json.dumps(metrics) + "\n")
+    metrics_file.flush()
+    shown = "  ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                      for key, value in metrics.items() if key != "step")
+    eta = format_seconds(seconds_per_step * (total_steps - metrics["step"]))
+    print(f"step {metrics['step']:>4}/{total_steps}  {shown}  eta {eta}", flush=True)
+
+
+def write_summary(out, summary):
+    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))

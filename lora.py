@@ -1,0 +1,148 @@
+"""lora.py: LoRA (Hu et al. 2021, arXiv 2106.09685) by hand, in the spirit of minLoRA and loralib.
+
+A frozen linear layer W gets a trainable low-rank update:  y = W x + (alpha / r) * B A dropout(x),
+A: [r, in] Kaiming-uniform, B: [out, r] zeros, so training starts from exactly the base model.
+Adapters are saved in PEFT's layout and key names (adapter_model.safetensors + adapter_config.json),
+so `peft.PeftModel.from_pretrained` and vLLM load them.
+"""
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."  # PEFT names weights after its wrapper: base_model.model.<path>
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear, r, alpha, dropout=0.0):
+        super().__init__()
+        self.base_layer = base_layer.requires_grad_(False)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        device = base_layer.weight.device
+        # LoRA weights stay float32 even on a bf16 model: updates of lr * 1e-3 would round away in bf16.
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear and PEFT
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
+
+    def delta_weight(self):
+        return self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # [out, in]
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        if self.disabled or self.merged:
+            return y
+        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return y + (self.scaling * update).to(y.dtype)
+
+
+def lora_layers(model):
+    return [module for module in model.modules() if isinstance(module, LoRALinear)]
+
+
+def apply_lora(model, r=64, alpha=128, dropout=0.0, targets=DEFAULT_TARGETS):
+    """Wrap every nn.Linear whose name ends in one of `targets`; freeze all but the LoRA weights."""
+    model.requires_grad_(False)
+    chosen = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and name.split(".")[-1] in targets]
+    if not chosen:
+        raise ValueError(f"no linear layer named one of {targets} in the model")
+    for name, module in chosen:
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, LoRALinear(module, r, alpha, dropout))
+    model.lora_config = {"r": r, "alpha": alpha, "dropout": dropout,
+                         "targets": sorted({name.split(".")[-1] for name, _ in chosen})}
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """W <- W + (alpha/r) B A in every layer, for fast inference or export. Undo with unmerge_lora.
+
+    In bf16 the round trip is lossy, so training keeps LoRA unmerged and never merges per step.
+    """
+    for layer in lora_layers(model):
+        if not layer.merged:
+            weight = layer.base_layer.weight
+            weight.copy_((weight.float() + layer.delta_weight()).to(weight.dtype))
+            layer.merged = True
+
+
+@torch.no_grad()
+def unmerge_lora(model):
+    for layer in lora_layers(model):
+        if layer.merged:
+            weight = layer.base_layer.weight
+            weight.copy_((weight.float() - layer.delta_weight()).to(weight.dtype))
+            layer.merged = False
+
+
+@contextmanager
+def lora_disabled(model):
+    """The base model, without a second copy: the GRPO reference and the OPSD fixed teacher."""
+    layers = lora_layers(model)
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("unmerge LoRA before disabling it")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+
+
+def save_lora(model, folder, base_model=""):
+    """adapter_model.safetensors + adapter_config.json in PEFT's layout and key names."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {PEFT_PREFIX + name: tensor.detach().contiguous().cpu()
+               for name, tensor in model.state_dict().items() if ".lora_" in name}
+    save_file(weights, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = model.lora_config
+    peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+                   "r": config["r"], "lora_alpha": config["alpha"], "lora_dropout": config["dropout"],
+                   "target_modules": config["targets"], "bias": "none", "fan_in_fan_out": False,
+                   "inference_mode": True, "use_rslora": False, "use_dora": False}
+    (folder / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
+
+
+def load_lora(model, folder):
+    """Load an adapter saved by save_lora (or by PEFT); applies LoRA first if the model has none."""
+    folder = Path(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if not lora_layers(model):
+        apply_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
+                   tuple(config["target_modules"]))
+    weights = {name.removeprefix(PEFT_PREFIX): tensor
+               for name, tensor in load_file(folder / "adapter_model.safetensors").items()}
+    expected = {name for name in model.state_dict() if ".lora_" in name}
+    if set(weights) != expected:
+        raise ValueError(f"{folder}: adapter keys do not match the model's LoRA layers")
+    model.load_state_dict(weights, strict=False)
+    return model
+
+
+def save_merged(model, tokenizer, folder):
+    """Export base + LoRA as one ordinary model folder (save_pretrained) for serving.
+
+    The model itself is left unchanged: merged weights are computed into a separate state dict.
+    """
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if ".lora_" not in name:
+            state[name.replace(".base_layer.", ".")] = tensor
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear) and not module.merged:
+            weight = module.base_layer.weight
+            state[f"{name}.weight"] = (weight.float() + module.delta_weight()).to(weight.dtype)
+    model.save_pretrained(folder, state_dict=state)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,153 @@
+"""sft.py: supervised fine-tuning (SFT) on worked solutions, LoRA by default.
+
+The model learns to reproduce the reference solution y of each problem x, token by token:
+
+    L = -(1/N) * sum_i sum_t log p(y_i,t | x_i, y_i,<t)      N = target tokens in the whole step
+
+Only the solution and its EOS are targets; the prompt is context. N counts the targets of all
+micro-batches of a step together, so gradient accumulation weights every token the same as one big
+batch would (averaging per micro-batch would favour the tokens of short micro-batches).
+
+This is the textbook recipe; the OPSD paper (arXiv 2601.18734) ran it as a baseline with TRL on
+"Problem: ... Solution: ..." text. Here the prompt is the same one grpo.py and opsd.py use.
+`--open-book-fraction` shows the reference solution in some prompts (the OPSD teacher's view); it
+exists to build the toy base model, which must learn to read a reference solution (toy/build.py).
+
+    python sft.py                                                   # built-in toy model and task
+    python sft.py --model Qwen/Qwen3-1.7B --data train.jsonl --gradient-checkpointing
+"""
+import argparse
+import random
+import time
+
+import torch
+
+import common
+from lora import apply_lora
+
+# Only for the built-in 1M-parameter toy model, and only for flags not given on the command line.
+TOY_SETTINGS = {"steps": 150, "batch_size": 32, "lr": 5e-4, "lora_r": 16, "lora_alpha": 32,
+                "max_new_tokens": 64, "eval_batch_size": 500, "warmup_steps": 10}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_args(parser)
+    parser.add_argument("--open-book-fraction", type=float, default=0.0,
+                        help="share of prompts that also show the reference solution")
+    args = parser.parse_args(argv)
+    common.apply_toy_settings(args, parser, argv, TOY_SETTINGS)
+    args.out = args.out or "out/sft"
+    args.micro_batch_size = args.micro_batch_size or args.batch_size
+    return args
+
+
+def sft_loss(logprobs, completion_mask, num_target_tokens):
+    """Token-mean negative log-likelihood of the completion tokens.
+
+    logprobs [B, L-1]: log p of each next token; completion_mask [B, L-1]: 1 on targets.
+    Divides by num_target_tokens, the targets of the whole optimizer step, not of this micro-batch.
+    """
+    return -(logprobs * completion_mask).sum() / num_target_tokens
+
+
+def encode(tokenizer, example, open_book, max_new_tokens):
+    """(prompt ids, completion ids): the solution, cut to max_new_tokens, then EOS."""
+    question, solution = example["question"], example["solution"]
+    message = (common.teacher_prompt(question, solution) if open_book
+               else common.student_prompt(question, common.answer_style(solution)))
+    prompt = common.chat_prompt(tokenizer, message)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    solution_ids = tokenizer(solution, add_special_tokens=False)["input_ids"][:max_new_tokens - 1]
+    return prompt_ids, solution_ids + [tokenizer.eos_token_id]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    program_start = time.time()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    train_examples = common.load_examples(args.data, "train")  # bad data fails before the slow load
+    eval_examples = common.load_examples(args.eval_data or args.data,
+                                         "all" if args.eval_data else "test")[:args.eval_n]
+    model, tokenizer = common.load_model(args.model, args.gradient_checkpointing)
+    if not args.full:
+        apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{trainable:,} trainable ({'full' if args.full else f'LoRA r={args.lora_r}'})")
+    optimizer = common.make_optimizer(model, args.lr, args.weight_decay)
+    scheduler = common.make_scheduler(optimizer, args.warmup_steps, args.steps, args.schedule)
+
+    step, state = 0, {"data_position": 0, "train_tokens": 0, "generated_tokens": 0,
+                      "wall_seconds": 0.0}
+    checkpoint = common.latest_checkpoint(args.out) if args.resume else None
+    if checkpoint:
+        state = common.load_checkpoint(checkpoint, model, optimizer, scheduler, args.full)
+        step = state.pop("step")
+        print(f"resumed from {checkpoint} at step {step}")
+    else:
+        state["before"] = common.evaluate(model, tokenizer, eval_examples, args.max_new_tokens,
+                                          args.eval_batch_size)
+        print(f"before: held-out accuracy {state['before']['accuracy']:.3f} "
+              f"(n={state['before']['n']})")
+    metrics_file = common.open_metrics(args.out, step)
+    run_start = program_start - state["wall_seconds"]  # a resumed run counts the earlier time too
+
+    model.train()
+    first_step, loop_start = step, time.time()
+    device = common.device_of(model)
+    while step < args.steps:
+        step_start = time.time()
+        indices = common.batch_indices(len(train_examples), args.batch_size,
+                                       state["data_position"], args.seed)
+        state["data_position"] += args.batch_size
+        rows = [encode(tokenizer, train_examples[i], random.random() < args.open_book_fraction,
+                       args.max_new_tokens) for i in indices]
+        rows.sort(key=lambda row: len(row[0]) + len(row[1]))  # similar lengths share micro-batches
+        num_target_tokens = sum(len(completion) for _, completion in rows)
+        loss_sum, step_tokens = 0.0, 0
+        for first in range(0, len(rows), args.micro_batch_size):
+            micro = rows[first:first + args.micro_batch_size]
+            input_ids, attention_mask, completion_mask = common.pack_rows(
+                [p for p, _ in micro], [c for _, c in micro], tokenizer.pad_token_id, device)
+            logprobs = common.token_logprobs(model, input_ids, attention_mask)  # [B, L-1]
+            loss = sft_loss(logprobs, completion_mask, num_target_tokens)
+            loss.backward()  # gradients add up over micro-batches into the step's token mean
+            loss_sum += loss.item()
+            step_tokens += int(attention_mask.sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        seconds = time.time() - step_start
+        state["train_tokens"] += step_tokens
+        state["wall_seconds"] = time.time() - run_start
+        common.log_step(metrics_file, {
+            "step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm), "tokens_per_second": round(step_tokens / seconds),
+        }, args.steps, (time.time() - loop_start) / (step - first_step))
+        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            common.save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler, state,
+                                   args)
+
+    after = common.evaluate(model, tokenizer, eval_examples, args.max_new_tokens,
+                            args.eval_batch_size)
+    print(f"after: held-out accuracy {after['accuracy']:.3f} (n={after['n']}), "
+          f"before {state['before']['accuracy']:.3f}")
+    state["wall_seconds"] = time.time() - run_start
+    folder = common.save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler, state,
+                                    args)
+    print(f"saved {'model' if args.full else 'adapter'} to {folder}")
+    common.write_summary(args.out, {
+        "method": "sft", "before": state["before"], "after": after, "steps": step,
+        "train_tokens": state["train_tokens"], "generated_tokens": state["generated_tokens"],
+        "wall_seconds": round(state["wall_seconds"], 1),
+    })
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

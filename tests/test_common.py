@@ -1,0 +1,68 @@
+import argparse
+import json
+
+import pytest
+import torch
+
+import common
+import sft
+
+
+def test_toy_settings_apply_only_to_flags_not_given():
+    args = sft.parse_args(["--lr", "0.1", "--steps=7"])
+    assert args.lr == 0.1 and args.steps == 7
+    assert args.lora_r == sft.TOY_SETTINGS["lora_r"] and args.batch_size == sft.TOY_SETTINGS["batch_size"]
+    real = sft.parse_args(["--model", "Qwen/Qwen3-1.7B"])
+    assert real.lr == 5e-6 and real.lora_r == 64 and real.lora_alpha == 128
+
+
+def test_optimizer_skips_weight_decay_on_biases_and_norms():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    optimizer = common.make_optimizer(model, lr=1e-3, weight_decay=0.1)
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and [p.shape for p in decayed["params"]] == [(4, 4)]
+    assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 3
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = common.make_scheduler(optimizer, warmup_steps=4, total_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.01
+    assert lrs[12] == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(8 / 16 * torch.pi)).item()))
+    constant = common.make_scheduler(optimizer, 0, 20, "constant")
+    assert constant.get_last_lr()[0] == 1.0
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, toy_model, monkeypatch):
+    from lora import apply_lora
+    model, tokenizer = toy_model
+    apply_lora(model, 4, 8)
+    optimizer = common.make_optimizer(model, 1e-3, 0.0)
+    scheduler = common.make_scheduler(optimizer, 0, 10)
+    args = argparse.Namespace(full=False, model="toy")
+    common.save_checkpoint(tmp_path, 2, model, tokenizer, optimizer, scheduler, {"data_position": 4}, args)
+
+    def disk_full(*_, **__):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        common.save_checkpoint(tmp_path, 4, model, tokenizer, optimizer, scheduler, {}, args)
+    latest = common.latest_checkpoint(tmp_path)
+    assert latest.name == "checkpoint-000002"  # the half-written step 4 is not taken for a checkpoint
+    assert json.loads((latest / "state.json").read_text()) == {"step": 2, "data_position": 4}
+    assert (latest / "trainer_state.pt").exists()
+
+
+def test_resume_drops_metrics_rows_past_the_checkpoint(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n"
+                                                    for s in range(1, 6)))
+    with common.open_metrics(tmp_path, resumed_step=3) as handle:
+        handle.write(json.dumps({"step": 4, "loss": 2.0}) + "\n")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == 2.0

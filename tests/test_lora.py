@@ -1,0 +1,133 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+from lora import (LoRALinear, apply_lora, load_lora, lora_disabled, merge_lora, save_lora,
+                  save_merged, unmerge_lora)
+
+
+def batch(tokenizer):
+    texts = ["Tom has 3 pens.", "Mia has 12 apples. Mia buys 7 more."]
+    return tokenizer(texts, return_tensors="pt", padding=True)
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def randomize_lora(model, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in model.named_parameters():
+        if ".lora_" in name:
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.1
+
+
+def test_zero_init_b_gives_identical_outputs(toy_model):
+    model, tokenizer = toy_model
+    inputs = batch(tokenizer)
+    before = logits(model, inputs)
+    apply_lora(model, r=8, alpha=16)
+    assert torch.equal(logits(model, inputs), before)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear) and layer.scaling == 2.0
+    assert torch.count_nonzero(layer.lora_A.weight) > 0 and torch.count_nonzero(layer.lora_B.weight) == 0
+
+
+def test_all_seven_projections_wrapped_and_only_lora_trainable(toy_model):
+    model, tokenizer = toy_model
+    apply_lora(model, r=4, alpha=8)
+    wrapped = {name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    randomize_lora(model)
+    model(**batch(tokenizer)).logits.sum().backward()
+    for name, parameter in model.named_parameters():
+        if ".lora_" in name:
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        else:
+            assert parameter.grad is None, name
+
+
+def test_merged_equals_unmerged_and_unmerge_restores(toy_model):
+    model, tokenizer = toy_model
+    inputs = batch(tokenizer)
+    apply_lora(model, r=4, alpha=8)
+    randomize_lora(model)
+    base_weight = model.model.layers[1].mlp.down_proj.base_layer.weight.clone()
+    unmerged = logits(model, inputs)
+    merge_lora(model)
+    assert torch.allclose(logits(model, inputs), unmerged, atol=1e-4)
+    assert not torch.equal(model.model.layers[1].mlp.down_proj.base_layer.weight, base_weight)
+    unmerge_lora(model)
+    assert torch.allclose(model.model.layers[1].mlp.down_proj.base_layer.weight, base_weight, atol=1e-6)
+    assert torch.allclose(logits(model, inputs), unmerged, atol=1e-5)
+
+
+def test_lora_disabled_gives_the_base_model(toy_model):
+    model, tokenizer = toy_model
+    inputs = batch(tokenizer)
+    base = logits(model, inputs)
+    apply_lora(model, r=4, alpha=8)
+    randomize_lora(model)
+    adapted = logits(model, inputs)
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    with lora_disabled(model):
+        assert torch.equal(logits(model, inputs), base)
+    assert torch.equal(logits(model, inputs), adapted)
+    merge_lora(model)
+    with pytest.raises(RuntimeError):
+        with lora_disabled(model):
+            pass
+
+
+def test_save_load_round_trip_in_peft_layout(toy_model, toy, tmp_path):
+    model, tokenizer = toy_model
+    inputs = batch(tokenizer)
+    apply_lora(model, r=4, alpha=8, targets=("q_proj", "v_proj"))
+    randomize_lora(model)
+    expected = logits(model, inputs)
+    save_lora(model, tmp_path, base_model="toy")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.3.self_attn.v_proj.lora_B.weight" in keys
+    assert len(keys) == 4 * 2 * 2  # layers x (q, v) x (A, B)
+
+    fresh, _ = common.load_model("toy")
+    load_lora(fresh, tmp_path)
+    assert torch.allclose(logits(fresh, inputs), expected, atol=1e-6)
+
+
+def test_save_merged_exports_a_plain_model(toy_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model, tokenizer = toy_model
+    inputs = batch(tokenizer)
+    apply_lora(model, r=4, alpha=8)
+    randomize_lora(model)
+    expected = logits(model, inputs)
+    save_merged(model, tokenizer, tmp_path)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not any(".lora_" in name or "base_layer" in name for name in exported.state_dict())
+    assert torch.allclose(logits(exported, inputs), expected, atol=1e-4)
+    assert torch.allclose(logits(model, inputs), expected)  # the LoRA model itself is unchanged
+
+
+def test_bf16_model_with_gradient_checkpointing_trains_lora(toy_model):
+    model, tokenizer = toy_model
+    model.to(torch.bfloat16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_lora(model, r=4, alpha=8)
+    model.train()
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A.weight.dtype == torch.float32  # master weights stay float32
+    out = model(**batch(tokenizer), use_cache=False).logits
+    assert out.dtype == torch.bfloat16
+    out.float().pow(2).mean().backward()
+    assert layer.lora_B.weight.grad is not None and layer.lora_B.weight.grad.abs().sum() > 0
