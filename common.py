@@ -3,7 +3,6 @@
 Model and tokenizer loading, data, prompts and answer checking, generation, evaluation, AdamW and
 the learning-rate schedule, checkpointing and logging. Nothing here knows which method is running.
 """
-import argparse
 import importlib.util
 import json
 import math
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lora import load_lora, save_lora
+from lora import apply_lora, load_lora, save_lora
 
 REPO = Path(__file__).resolve().parent
 TOY_DIR = REPO / "toy"  # the built-in task (train.jsonl, test.jsonl) and model (toy/model)
@@ -33,7 +32,8 @@ def run_cli(main):
     try:
         main()
     except InputError as error:
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ def add_common_args(parser):
     add("--eval-data", default=None, help="held-out file (default: a fixed slice of --data)")
     add("--out", default=None, help="output folder (default: out/<script>)")
     add("--steps", type=int, default=100, help="total optimizer steps")
-    add("--batch-size", type=int, default=32, help="prompts per optimizer step")
+    add("--batch-size", "--prompts-per-step", type=int, default=32, help="prompts per step")
     add("--micro-batch-size", type=int, default=None, help="rows per forward pass (accumulation)")
     add("--lr", type=float, default=5e-6)
     add("--warmup-steps", type=int, default=0)
@@ -58,7 +58,7 @@ def add_common_args(parser):
     add("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     add("--full", action="store_true", help="full fine-tuning instead of LoRA")
     add("--lora-r", type=int, default=64)
-    add("--lora-alpha", type=float, default=128.0)
+    add("--lora-alpha", type=int, default=128)
     add("--lora-dropout", type=float, default=0.0)
     add("--gradient-checkpointing", action="store_true")
     add("--max-new-tokens", type=int, default=1024)
@@ -110,7 +110,10 @@ def load_model(name_or_path="toy", gradient_checkpointing=False, device=None):
     if gradient_checkpointing:
         # Non-reentrant checkpointing lets gradients reach LoRA weights even though the frozen
         # embedding output does not require grad (the reentrant variant fails there).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
 
 
@@ -470,11 +473,82 @@ def load_checkpoint(folder, model, optimizer, scheduler, full):
             raise InputError(f"{folder}: weights do not match the model ({missing or unexpected})")
     else:
         load_lora(model, folder)
-    trainer_state = torch.load(Path(folder) / "trainer_state.pt", weights_only=False)
+    trainer_state = torch.load(Path(folder) / "trainer_state.pt", weights_only=True)
     optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
     set_rng_state(trainer_state["rng"])
     return json.loads((Path(folder) / "state.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# The parts of a run that every method shares: before the first step, the optimizer step, the end
+
+def start_run(args, updates_per_step=1):
+    """Data, model (+ LoRA unless --full), optimizer and schedule; then resume from the latest
+    checkpoint in --out, or evaluate the starting model on the held-out split ("before").
+    The schedule spans args.steps * updates_per_step optimizer updates.
+
+    Returns model, tokenizer, train_examples, eval_examples, optimizer, scheduler, step, state;
+    `state` is what a checkpoint's state.json keeps (data position, token counters, "before").
+    """
+    started = time.time()
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    train_examples = load_examples(args.data, "train")  # bad data fails before the slow load
+    eval_examples = load_examples(args.eval_data or args.data,
+                                  "all" if args.eval_data else "test")[:args.eval_n]
+    model, tokenizer = load_model(args.model, args.gradient_checkpointing)
+    if not args.full:
+        apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{trainable:,} trainable ({'full' if args.full else f'LoRA r={args.lora_r}'})")
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    scheduler = make_scheduler(optimizer, args.warmup_steps, args.steps * updates_per_step,
+                               args.schedule)
+
+    step, state = 0, {"data_position": 0, "train_tokens": 0, "generated_tokens": 0,
+                      "wall_seconds": 0.0}
+    checkpoint = latest_checkpoint(args.out) if args.resume else None
+    if checkpoint:
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, args.full)
+        step = state.pop("step")
+        print(f"resumed from {checkpoint} at step {step}")
+    else:
+        if args.resume:
+            print(f"no checkpoint in {args.out}: starting from step 0")
+        state["before"] = evaluate(model, tokenizer, eval_examples, args.max_new_tokens,
+                                   args.eval_batch_size)
+        print(f"before: held-out accuracy {state['before']['accuracy']:.3f} "
+              f"(n={state['before']['n']})")
+    state["wall_seconds"] += time.time() - started
+    return model, tokenizer, train_examples, eval_examples, optimizer, scheduler, step, state
+
+
+def optimizer_step(model, optimizer, scheduler, max_grad_norm):
+    """Clip the gradient norm, step AdamW and the schedule, clear gradients; return the norm
+    before clipping (worth logging: a loss near 0 can still come with a large gradient)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+def finish_run(args, method, model, tokenizer, optimizer, scheduler, step, state, eval_examples):
+    """Evaluate "after", save the final checkpoint and write summary.json."""
+    started = time.time()
+    after = evaluate(model, tokenizer, eval_examples, args.max_new_tokens, args.eval_batch_size)
+    print(f"after: held-out accuracy {after['accuracy']:.3f} (n={after['n']}), "
+          f"before {state['before']['accuracy']:.3f}")
+    state["wall_seconds"] += time.time() - started
+    folder = save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler, state, args)
+    print(f"saved {'model' if args.full else 'adapter'} to {folder}")
+    write_summary(args.out, {
+        "method": method, "before": state["before"], "after": after, "steps": step,
+        "train_tokens": state["train_tokens"], "generated_tokens": state["generated_tokens"],
+        "wall_seconds": round(state["wall_seconds"], 1)})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,10 +20,8 @@ import argparse
 import random
 import time
 
-import torch
 
 import common
-from lora import apply_lora
 
 # Only for the built-in 1M-parameter toy model, and only for flags not given on the command line.
 TOY_SETTINGS = {"steps": 150, "batch_size": 32, "lr": 5e-4, "lora_r": 16, "lora_alpha": 32,
@@ -64,39 +62,12 @@ def encode(tokenizer, example, open_book, max_new_tokens):
 
 def main(argv=None):
     args = parse_args(argv)
-    program_start = time.time()
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    train_examples = common.load_examples(args.data, "train")  # bad data fails before the slow load
-    eval_examples = common.load_examples(args.eval_data or args.data,
-                                         "all" if args.eval_data else "test")[:args.eval_n]
-    model, tokenizer = common.load_model(args.model, args.gradient_checkpointing)
-    if not args.full:
-        apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{trainable:,} trainable ({'full' if args.full else f'LoRA r={args.lora_r}'})")
-    optimizer = common.make_optimizer(model, args.lr, args.weight_decay)
-    scheduler = common.make_scheduler(optimizer, args.warmup_steps, args.steps, args.schedule)
-
-    step, state = 0, {"data_position": 0, "train_tokens": 0, "generated_tokens": 0,
-                      "wall_seconds": 0.0}
-    checkpoint = common.latest_checkpoint(args.out) if args.resume else None
-    if checkpoint:
-        state = common.load_checkpoint(checkpoint, model, optimizer, scheduler, args.full)
-        step = state.pop("step")
-        print(f"resumed from {checkpoint} at step {step}")
-    else:
-        state["before"] = common.evaluate(model, tokenizer, eval_examples, args.max_new_tokens,
-                                          args.eval_batch_size)
-        print(f"before: held-out accuracy {state['before']['accuracy']:.3f} "
-              f"(n={state['before']['n']})")
+    model, tokenizer, train_examples, eval_examples, optimizer, scheduler, step, state = \
+        common.start_run(args)
     metrics_file = common.open_metrics(args.out, step)
-    run_start = program_start - state["wall_seconds"]  # a resumed run counts the earlier time too
-
-    model.train()
-    first_step, loop_start = step, time.time()
     device = common.device_of(model)
+    model.train()
+    loop_start, first_step, wall_before = time.time(), step, state["wall_seconds"]
     while step < args.steps:
         step_start = time.time()
         indices = common.batch_indices(len(train_examples), args.batch_size,
@@ -116,37 +87,20 @@ def main(argv=None):
             loss.backward()  # gradients add up over micro-batches into the step's token mean
             loss_sum += loss.item()
             step_tokens += int(attention_mask.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
         step += 1
 
-        seconds = time.time() - step_start
         state["train_tokens"] += step_tokens
-        state["wall_seconds"] = time.time() - run_start
+        state["wall_seconds"] = wall_before + time.time() - loop_start
         common.log_step(metrics_file, {
-            "step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm), "tokens_per_second": round(step_tokens / seconds),
+            "step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "tokens_per_second": round(step_tokens / (time.time() - step_start)),
         }, args.steps, (time.time() - loop_start) / (step - first_step))
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             common.save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler, state,
                                    args)
-
-    after = common.evaluate(model, tokenizer, eval_examples, args.max_new_tokens,
-                            args.eval_batch_size)
-    print(f"after: held-out accuracy {after['accuracy']:.3f} (n={after['n']}), "
-          f"before {state['before']['accuracy']:.3f}")
-    state["wall_seconds"] = time.time() - run_start
-    folder = common.save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler, state,
-                                    args)
-    print(f"saved {'model' if args.full else 'adapter'} to {folder}")
-    common.write_summary(args.out, {
-        "method": "sft", "before": state["before"], "after": after, "steps": step,
-        "train_tokens": state["train_tokens"], "generated_tokens": state["generated_tokens"],
-        "wall_seconds": round(state["wall_seconds"], 1),
-    })
+    common.finish_run(args, "sft", model, tokenizer, optimizer, scheduler, step, state,
+                      eval_examples)
 
 
 if __name__ == "__main__":

@@ -119,10 +119,9 @@ def test_save_merged_exports_a_plain_model(toy_model, tmp_path):
     assert torch.allclose(logits(model, inputs), expected)  # the LoRA model itself is unchanged
 
 
-def test_bf16_model_with_gradient_checkpointing_trains_lora(toy_model):
-    model, tokenizer = toy_model
+def test_bf16_model_with_gradient_checkpointing_trains_lora():
+    model, tokenizer = common.load_model("toy", gradient_checkpointing=True)
     model.to(torch.bfloat16)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     apply_lora(model, r=4, alpha=8)
     model.train()
     layer = model.model.layers[0].self_attn.q_proj

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from safetensors.torch import load_file
 import common
 import sft
 
+FIXTURE = Path(__file__).parent / "fixtures" / "gsm8k_sample.jsonl"
 QUICK = ["--batch-size", "8", "--eval-n", "8", "--eval-batch-size", "8", "--max-new-tokens", "40"]
 
 
@@ -53,16 +55,17 @@ def test_accumulation_normalises_by_the_tokens_of_the_whole_step(tmp_path):
 
 
 def test_short_run_lowers_loss_and_writes_outputs(tmp_path):
+    """On real GSM8K records, new to the toy model, a few steps must lower the loss clearly."""
     out = tmp_path / "run"
-    sft.main(QUICK + ["--steps", "24", "--lr", "2e-3", "--out", str(out)])
+    sft.main(QUICK + ["--steps", "24", "--lr", "2e-3", "--out", str(out), "--data", str(FIXTURE)])
     losses = [row["loss"] for row in metrics(out)]
     assert len(losses) == 24
-    assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6 - 0.02
+    assert sum(losses[-6:]) / 6 < 0.8 * sum(losses[:6]) / 6
     row = metrics(out)[0]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_second"} <= set(row)
     summary = json.loads((out / "summary.json").read_text())
     for key in ("before", "after"):
-        assert set(summary[key]) == {"accuracy", "n"} and summary[key]["n"] == 8
+        assert set(summary[key]) == {"accuracy", "n"} and summary[key]["n"] == 3  # 10% of 38
     assert summary["steps"] == 24 and summary["train_tokens"] > 0 and summary["generated_tokens"] == 0
     assert summary["wall_seconds"] > 0
     checkpoint = common.latest_checkpoint(out)

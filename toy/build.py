@@ -7,7 +7,7 @@
 2. Tokenizer: one token per character, plus <|endoftext|> (pad), <|im_start|> and <|im_end|> (EOS)
    and a small chat template, so the toy goes through the same chat-template code as a real model.
 3. Model: a tiny Qwen3 (same module names as Qwen3-1.7B), randomly initialised, then "pretrained"
-   by full-parameter SFT with the project's own sft.py on a 50/50 mixture of closed-book prompts
+   by full-parameter SFT with the project's own sft.py on a 70/30 mixture of closed-book prompts
    (problem only) and open-book prompts (problem + reference solution, exactly OPSD's teacher prompt).
    Open-book is learned well and closed-book only partly: the base then behaves like a real LLM,
    which can follow a worked solution it is shown but does not always solve the problem alone.
@@ -34,9 +34,10 @@ NUM_TRAIN, NUM_TEST, SEED = 20000, 500, 0
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 BUILD_DIR = TOY.parent / "out" / "toy-build"
-PRETRAIN_ARGS = ["--full", "--data", "toy", "--open-book-fraction", "0.5", "--steps", "800",
-                 "--batch-size", "48", "--micro-batch-size", "24", "--lr", "2e-3", "--warmup-steps", "50", "--max-new-tokens",
-                 "64", "--eval-batch-size", "500", "--save-every", "200"]
+PRETRAIN_ARGS = ["--full", "--data", "toy", "--open-book-fraction", "0.45", "--steps", "800",
+                 "--batch-size", "48", "--micro-batch-size", "24", "--lr", "2e-3",
+                 "--warmup-steps", "50", "--max-new-tokens", "64", "--eval-batch-size", "500",
+                 "--save-every", "200"]
 
 
 def make_problem(rng):

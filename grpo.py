@@ -1,0 +1,240 @@
+"""grpo.py: Group Relative Policy Optimization (GRPO) with a verifiable reward, LoRA by default.
+
+GRPO (Shao et al. 2024, DeepSeekMath, arXiv 2402.03300) is PPO without a value network. Per step:
+sample G completions for each prompt from the current policy, reward each one 1 if its final answer
+equals the reference and 0 otherwise, and use the group as its own baseline:
+
+    A_i = (r_i - mean(r)) / (std(r) + eps)          the same advantage for every token of o_i
+
+then maximise the clipped surrogate over completion tokens, rho_t = pi(o_t) / pi_old(o_t):
+
+    L = -agg[ min(rho_t * A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_i) - beta * KL_t ]
+
+This is GRPO as the OPSD paper (arXiv 2601.18734) ran it as its RL baseline (TRL's defaults: beta 0,
+one policy update per rollout batch, "grpo" aggregation), with the well-known corrections as switches:
+- `--scale-rewards none` (Dr. GRPO, arXiv 2503.20783): no division by the group's std, which
+  over-weights groups that are almost all right or all wrong.
+- `--loss-type` chooses how token terms are averaged (see `policy_loss`): `grpo` divides each
+  completion by its own length, so a long wrong answer is penalised less per token than a short one
+  and wrong answers drift longer; `dr_grpo` divides by the constant N * max_completion_len; `dapo`
+  (arXiv 2503.14476) by the batch's token count. The last two have no length bias.
+- `--epsilon-high` above `--epsilon-low` is DAPO's "clip-higher"; `--skip-zero-std` drops groups whose
+  rewards are all equal (their advantage is 0, they give no gradient anyway, only dilute the mean).
+With `--num-iterations 1` (default) pi_old is pi itself, detached: rho = 1, the clip never acts and the
+loss *value* is ~0 when beta = 0, while its gradient is the REINFORCE gradient with a group baseline.
+So watch the reward and the gradient norm, not the loss.
+
+    python grpo.py                                                  # built-in toy model and task
+    python grpo.py --model Qwen/Qwen3-1.7B --data train.jsonl --lr 2e-5 --temperature 1.2
+"""
+import argparse
+import time
+
+import torch
+
+import common
+from lora import lora_disabled
+
+# Only for the built-in 1M-parameter toy model, and only for flags not given on the command line.
+# (A prototype with lr 2e-3 and temperature 1.0 collapsed: reward 0 within 75 steps.)
+TOY_SETTINGS = {"steps": 60, "batch_size": 16, "lr": 5e-4, "lora_r": 16, "lora_alpha": 32,
+                "temperature": 0.7, "max_new_tokens": 64, "eval_batch_size": 500}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_args(parser)
+    add = parser.add_argument
+    add("--num-generations", type=int, default=8, help="completions per prompt (group size G)")
+    add("--temperature", type=float, default=1.0)
+    add("--top-p", type=float, default=1.0)
+    add("--top-k", type=int, default=0, help="0: no top-k")
+    add("--scale-rewards", choices=["group", "none"], default="group")
+    add("--skip-zero-std", action="store_true", help="drop groups whose rewards are all equal")
+    add("--loss-type", choices=["grpo", "dr_grpo", "dapo"], default="grpo")
+    add("--num-iterations", type=int, default=1,
+        help="optimizer updates per batch of rollouts (mu); --steps counts rollout batches")
+    add("--beta", type=float, default=0.0, help="KL penalty to the base model (k3 estimator)")
+    add("--epsilon-low", type=float, default=0.2)
+    add("--epsilon-high", type=float, default=0.2)
+    add("--format-reward", type=float, default=0.0,
+        help="extra reward for a completion with a parsable final answer (off by default)")
+    parser.set_defaults(lr=2e-5)  # the OPSD paper's GRPO baseline
+    args = parser.parse_args(argv)
+    common.apply_toy_settings(args, parser, argv, TOY_SETTINGS)
+    args.out = args.out or "out/grpo"
+    args.micro_batch_size = args.micro_batch_size or args.batch_size * args.num_generations
+    return args
+
+
+def group_advantages(rewards, group_size, scale=True, eps=1e-4):
+    """A_i = (r_i - mean_group(r)) / (std_group(r) + eps), or r_i - mean_group(r) if not scale.
+
+    rewards [N] with the G completions of a prompt adjacent (N = prompts * G); returns [N].
+    std is the unbiased sample std, as in TRL. Groups with equal rewards get A = 0.
+    """
+    grouped = rewards.view(-1, group_size)  # [prompts, G]
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)
+    return advantages.flatten()
+
+
+def k3_kl(logp, ref_logp):
+    """Per-token KL(pi || pi_ref) estimate, k3 = exp(ref - logp) - (ref - logp) - 1 >= 0.
+
+    Unbiased for samples from pi and lower variance than log(pi/pi_ref):
+    http://joschu.net/blog/kl-approx.html
+    """
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def policy_loss(logp, old_logp, advantages, mask, ref_logp=None, beta=0.0, eps_low=0.2,
+                eps_high=0.2, loss_type="grpo", max_completion_len=None):
+    """Clipped GRPO surrogate, to minimise (DeepSeekMath eq. 3; Dr. GRPO and DAPO aggregations).
+
+    logp, old_logp, ref_logp, mask: [N, T] (mask 1 on completion tokens); advantages: [N].
+        rho_t  = exp(logp_t - old_logp_t)
+        l_t    = -min(rho_t * A, clip(rho_t, 1 - eps_low, 1 + eps_high) * A) + beta * k3_t
+    aggregated as
+        grpo:    (1/N) sum_i (1/|o_i|) sum_t l_i,t          per-completion mean, then mean
+        dr_grpo: sum_i,t l_i,t / (N * max_completion_len)   constant normaliser
+        dapo:    sum_i,t l_i,t / sum_i |o_i|                token mean over the batch
+    """
+    mask = mask.float()
+    ratio = torch.exp(logp - old_logp)
+    advantages = advantages[:, None]
+    surrogate = torch.min(ratio * advantages,
+                          torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages)
+    per_token = -surrogate
+    if beta > 0:
+        per_token = per_token + beta * k3_kl(logp, ref_logp)
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if loss_type == "dr_grpo":
+        return (per_token * mask).sum() / (mask.shape[0] * max_completion_len)
+    if loss_type == "dapo":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def reward(text, answer, format_reward=0.0):
+    """1 if the completion's final answer equals the reference (the OPSD paper's reward), else 0;
+    plus `format_reward` when a final answer could be read at all."""
+    parsed = common.extract_answer(text) is not None
+    return float(common.is_correct(text, answer)) + (format_reward if parsed else 0.0)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, tokenizer, train_examples, eval_examples, optimizer, scheduler, step, state = \
+        common.start_run(args, updates_per_step=args.num_iterations)
+    if args.beta > 0 and args.full:
+        raise common.InputError("--beta > 0 needs a reference model: use LoRA (the base is the "
+                                "reference), not --full")
+    metrics_file = common.open_metrics(args.out, step)
+    device = common.device_of(model)
+    G = args.num_generations
+    model.train()
+    loop_start, first_step, wall_before = time.time(), step, state["wall_seconds"]
+    while step < args.steps:
+        step_start = time.time()
+        indices = common.batch_indices(len(train_examples), args.batch_size,
+                                       state["data_position"], args.seed)
+        state["data_position"] += args.batch_size
+        examples = [train_examples[i] for i in indices]
+
+        # 1. Rollouts: G samples per prompt from the current policy, one batched call.
+        prompts = [common.chat_prompt(tokenizer, common.student_prompt(
+            e["question"], common.answer_style(e["solution"]))) for e in examples]
+        rollouts = common.generate(model, tokenizer, prompts, args.max_new_tokens,
+                                   args.temperature, args.top_p, args.top_k, num_samples=G)
+        state["generated_tokens"] += rollouts["num_generated_tokens"]
+
+        # 2. Rewards and group-relative advantages.
+        rewards = torch.tensor([reward(text, examples[i // G]["answer"], args.format_reward)
+                                for i, text in enumerate(rollouts["texts"])])  # [N]
+        advantages = group_advantages(rewards, G, scale=args.scale_rewards == "group")
+        zero_std = rewards.view(-1, G).std(dim=1) == 0  # [prompts]: these groups give no gradient
+        keep = ~zero_std.repeat_interleave(G) if args.skip_zero_std else torch.ones_like(rewards).bool()
+
+        # 3. Training rows: prompt without its left padding + completion up to its EOS.
+        prompt_rows = [ids[mask.bool()].tolist() for ids, mask in
+                       zip(rollouts["prompt_ids"], rollouts["prompt_mask"])]
+        completion_rows = [ids[mask.bool()].tolist() for ids, mask in
+                           zip(rollouts["completion_ids"], rollouts["completion_mask"])]
+        kept = keep.nonzero().flatten().tolist()
+        micro_batches = [kept[i:i + args.micro_batch_size]
+                         for i in range(0, len(kept), args.micro_batch_size)]
+        packed = [common.pack_rows([prompt_rows[i] for i in rows], [completion_rows[i] for i in rows],
+                                   tokenizer.pad_token_id, device) for rows in micro_batches]
+        num_rows = len(kept)
+        num_tokens = sum(int(completion_mask.sum()) for _, _, completion_mask in packed)
+
+        # 4. pi_old: recorded once when the rollouts are reused (mu > 1); else logp.detach() below.
+        old_logps, ref_logps = [], []
+        with torch.no_grad():
+            for input_ids, attention_mask, _ in packed:
+                if args.num_iterations > 1:
+                    old_logps.append(common.token_logprobs(model, input_ids, attention_mask))
+                if args.beta > 0:
+                    with lora_disabled(model):  # the reference is the base model: no second copy
+                        ref_logps.append(common.token_logprobs(model, input_ids, attention_mask))
+
+        # 5. mu policy updates on the same rollouts.
+        loss_sum, clipped, kl_sum = 0.0, 0.0, 0.0
+        for _ in range(args.num_iterations):
+            for b, (rows, (input_ids, attention_mask, completion_mask)) in enumerate(
+                    zip(micro_batches, packed)):
+                logp = common.token_logprobs(model, input_ids, attention_mask)  # [B, L-1]
+                old_logp = old_logps[b] if old_logps else logp.detach()
+                ref_logp = ref_logps[b] if ref_logps else None
+                loss = policy_loss(logp, old_logp, advantages[rows].to(device), completion_mask,
+                                   ref_logp, args.beta, args.epsilon_low, args.epsilon_high,
+                                   args.loss_type, args.max_new_tokens)
+                # Each micro-batch's loss is a mean over its own rows (or tokens); weight it so
+                # the step's loss is the mean over all of them.
+                weight = (int(completion_mask.sum()) / num_tokens if args.loss_type == "dapo"
+                          else len(rows) / num_rows)
+                (loss * weight / args.num_iterations).backward()
+                loss_sum += loss.item() * weight / args.num_iterations
+                with torch.no_grad():
+                    mask = completion_mask.bool()
+                    ratio = torch.exp(logp - old_logp)[mask]
+                    clipped += float(((ratio < 1 - args.epsilon_low) |
+                                      (ratio > 1 + args.epsilon_high)).sum())
+                    if ref_logp is not None:
+                        kl_sum += float(k3_kl(logp, ref_logp)[mask].sum())
+            if kept:
+                grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
+        if not kept:  # every group had equal rewards and --skip-zero-std dropped them all
+            grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
+        step += 1
+
+        step_tokens = sum(int(attention_mask.sum()) for _, attention_mask, _ in packed)
+        state["train_tokens"] += step_tokens * args.num_iterations
+        state["wall_seconds"] = wall_before + time.time() - loop_start
+        metrics = {
+            "step": step, "reward": rewards.mean().item(),
+            "zero_std_fraction": zero_std.float().mean().item(),
+            "completion_length": rollouts["completion_mask"].sum(1).float().mean().item(),
+            "clip_fraction": clipped / max(1, num_tokens * args.num_iterations),
+            "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "generated_tokens": state["generated_tokens"],
+            "tokens_per_second": round((rollouts["num_generated_tokens"] + step_tokens)
+                                       / (time.time() - step_start)),
+        }
+        if args.beta > 0:
+            metrics["kl"] = kl_sum / max(1, num_tokens * args.num_iterations)
+        common.log_step(metrics_file, metrics, args.steps,
+                        (time.time() - loop_start) / (step - first_step))
+        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            common.save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler, state,
+                                   args)
+    common.finish_run(args, "grpo", model, tokenizer, optimizer, scheduler, step, state,
+                      eval_examples)
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
