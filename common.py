@@ -204,6 +204,13 @@ def batch_indices(num_examples, batch_size, position, seed):
     return indices
 
 
+def next_batch(examples, args, state):
+    """The next --batch-size examples in data order; advances state["data_position"]."""
+    indices = batch_indices(len(examples), args.batch_size, state["data_position"], args.seed)
+    state["data_position"] += args.batch_size
+    return [examples[i] for i in indices]
+
+
 # ----------------------------------------------------------------------------------------------
 # Prompts and answer checking
 
@@ -453,6 +460,12 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, state, ar
         if old != final:
             shutil.rmtree(old)
     return final
+
+
+def save_every(args, step, model, tokenizer, optimizer, scheduler, state):
+    """The periodic checkpoint of --save-every (the final one is written by finish_run)."""
+    if args.save_every and step % args.save_every == 0 and step < args.steps:
+        save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler, state, args)
 
 
 def latest_checkpoint(out):

@@ -140,10 +140,7 @@ def main(argv=None):
     loop_start, first_step, wall_before = time.time(), step, state["wall_seconds"]
     while step < args.steps:
         step_start = time.time()
-        indices = common.batch_indices(len(train_examples), args.batch_size,
-                                       state["data_position"], args.seed)
-        state["data_position"] += args.batch_size
-        examples = [train_examples[i] for i in indices]
+        examples = common.next_batch(train_examples, args, state)
 
         # 1. Rollouts: G samples per prompt from the current policy, one batched call.
         prompts = [common.chat_prompt(tokenizer, common.student_prompt(
@@ -229,9 +226,7 @@ def main(argv=None):
             metrics["kl"] = kl_sum / max(1, num_tokens * args.num_iterations)
         common.log_step(metrics_file, metrics, args.steps,
                         (time.time() - loop_start) / (step - first_step))
-        if args.save_every and step % args.save_every == 0 and step < args.steps:
-            common.save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler, state,
-                                   args)
+        common.save_every(args, step, model, tokenizer, optimizer, scheduler, state)
     common.finish_run(args, "grpo", model, tokenizer, optimizer, scheduler, step, state,
                       eval_examples)
 

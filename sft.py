@@ -70,11 +70,9 @@ def main(argv=None):
     loop_start, first_step, wall_before = time.time(), step, state["wall_seconds"]
     while step < args.steps:
         step_start = time.time()
-        indices = common.batch_indices(len(train_examples), args.batch_size,
-                                       state["data_position"], args.seed)
-        state["data_position"] += args.batch_size
-        rows = [encode(tokenizer, train_examples[i], random.random() < args.open_book_fraction,
-                       args.max_new_tokens) for i in indices]
+        examples = common.next_batch(train_examples, args, state)
+        rows = [encode(tokenizer, example, random.random() < args.open_book_fraction,
+                       args.max_new_tokens) for example in examples]
         rows.sort(key=lambda row: len(row[0]) + len(row[1]))  # similar lengths share micro-batches
         num_target_tokens = sum(len(completion) for _, completion in rows)
         loss_sum, step_tokens = 0.0, 0
@@ -96,9 +94,7 @@ def main(argv=None):
             "step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
             "tokens_per_second": round(step_tokens / (time.time() - step_start)),
         }, args.steps, (time.time() - loop_start) / (step - first_step))
-        if args.save_every and step % args.save_every == 0 and step < args.steps:
-            common.save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler, state,
-                                   args)
+        common.save_every(args, step, model, tokenizer, optimizer, scheduler, state)
     common.finish_run(args, "sft", model, tokenizer, optimizer, scheduler, step, state,
                       eval_examples)
 
