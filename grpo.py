@@ -135,7 +135,7 @@ def main(argv=None):
                                 "reference), not --full")
     metrics_file = common.open_metrics(args.out, step)
     device = common.device_of(model)
-    G = args.num_generations
+    group_size = args.num_generations
     model.train()
     loop_start, first_step, wall_before = time.time(), step, state["wall_seconds"]
     while step < args.steps:
@@ -146,15 +146,16 @@ def main(argv=None):
         prompts = [common.chat_prompt(tokenizer, common.student_prompt(
             e["question"], common.answer_style(e["solution"]))) for e in examples]
         rollouts = common.generate(model, tokenizer, prompts, args.max_new_tokens,
-                                   args.temperature, args.top_p, args.top_k, num_samples=G)
+                                   args.temperature, args.top_p, args.top_k, num_samples=group_size)
         state["generated_tokens"] += rollouts["num_generated_tokens"]
 
         # 2. Rewards and group-relative advantages.
-        rewards = torch.tensor([reward(text, examples[i // G]["answer"], args.format_reward)
+        rewards = torch.tensor([reward(text, examples[i // group_size]["answer"], args.format_reward)
                                 for i, text in enumerate(rollouts["texts"])])  # [N]
-        advantages = group_advantages(rewards, G, scale=args.scale_rewards == "group")
-        zero_std = rewards.view(-1, G).std(dim=1) == 0  # [prompts]: these groups give no gradient
-        keep = ~zero_std.repeat_interleave(G) if args.skip_zero_std else torch.ones_like(rewards).bool()
+        advantages = group_advantages(rewards, group_size, scale=args.scale_rewards == "group")
+        zero_std = rewards.view(-1, group_size).std(dim=1) == 0  # [prompts]: A = 0, no gradient
+        keep = (~zero_std.repeat_interleave(group_size) if args.skip_zero_std
+                else torch.ones_like(rewards, dtype=torch.bool))
 
         # 3. Training rows: prompt without its left padding + completion up to its EOS.
         prompt_rows = [ids[mask.bool()].tolist() for ids, mask in

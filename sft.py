@@ -20,7 +20,6 @@ import argparse
 import random
 import time
 
-
 import common
 
 # Only for the built-in 1M-parameter toy model, and only for flags not given on the command line.
