@@ -177,7 +177,8 @@ def load_examples(spec, split="train", holdout=500):
     same on every run and machine, and never overlaps the train split.
     """
     if spec == "toy":
-        return read_records(TOY_DIR / f"{split if split != 'all' else 'train'}.jsonl")
+        splits = ["train", "test"] if split == "all" else [split]
+        return [e for name in splits for e in read_records(TOY_DIR / f"{name}.jsonl")]
     examples = read_records(spec)
     if split == "all":
         return examples
@@ -508,8 +509,9 @@ def start_run(args, updates_per_step=1):
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     train_examples = load_examples(args.data, "train")  # bad data fails before the slow load
+    separate_eval_file = args.eval_data not in (None, "toy")  # all of it is held out
     eval_examples = load_examples(args.eval_data or args.data,
-                                  "all" if args.eval_data else "test")[:args.eval_n]
+                                  "all" if separate_eval_file else "test")[:args.eval_n]
     model, tokenizer = load_model(args.model, args.gradient_checkpointing)
     if not args.full:
         apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)

@@ -66,3 +66,18 @@ def test_resume_drops_metrics_rows_past_the_checkpoint(tmp_path):
         handle.write(json.dumps({"step": 4, "loss": 2.0}) + "\n")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == 2.0
+
+
+def test_eval_split_is_held_out(tmp_path):
+    """--eval-data toy evaluates on the toy test split; a separate file is held out whole."""
+    import json as json_module
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json_module.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n"
+                                 for i in range(7)))
+    toy_test = {e["question"] for e in common.load_examples("toy", "test")}
+    for eval_data, expected in [(None, toy_test), ("toy", toy_test),
+                                (str(eval_file), {f"q{i}" for i in range(7)})]:
+        args = sft.parse_args(["--steps", "0", "--eval-n", "1000", "--out", str(tmp_path / "o")]
+                              + (["--eval-data", eval_data] if eval_data else []))
+        _, _, _, eval_examples, *_ = common.start_run(args)
+        assert {e["question"] for e in eval_examples} == expected

@@ -17,6 +17,7 @@ def write(path, text):
 def test_toy_task_is_gsm8k_format_and_splits_are_disjoint():
     train, test = load_examples("toy", "train"), load_examples("toy", "test")
     assert len(test) == 500 and len(train) >= 10000
+    assert len(load_examples("toy", "all")) == len(train) + len(test)
     assert not {e["question"] for e in train} & {e["question"] for e in test}
     for example in test[:50]:
         lines = example["solution"].splitlines()
