@@ -204,9 +204,8 @@ def main(argv=None):
                                       (ratio > 1 + args.epsilon_high)).sum())
                     if ref_logp is not None:
                         kl_sum += float(k3_kl(logp, ref_logp)[mask].sum())
-            if kept:
-                grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
-        if not kept:  # every group had equal rewards and --skip-zero-std dropped them all
+            # With no kept rows (all groups dropped by --skip-zero-std) there are no gradients:
+            # AdamW skips the parameters and only the schedule advances.
             grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
         step += 1
 
