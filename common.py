@@ -231,12 +231,9 @@ def student_prompt(question, style="####"):
     return f"{question}\n{INSTRUCTIONS[style]}"
 
 
-def teacher_prompt(question, solution):
-    """The OPSD teacher's prompt: the problem, the reference solution, then an instruction to solve
-    it anew (Zhao et al. 2026, arXiv 2601.18734). The toy base is taught to read exactly this text."""
-    return (f"{question}\n\nHere is a reference solution:\n{solution}\n\n"
-            "After understanding the reference solution, please try to solve this problem using "
-            f"your own approach below.\n{INSTRUCTIONS[answer_style(solution)]}")
+def student_message(example):
+    """The problem alone, with the instruction in its data set's answer style."""
+    return student_prompt(example["question"], answer_style(example["solution"]))
 
 
 def chat_prompt(tokenizer, message):
@@ -335,6 +332,17 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     }
 
 
+def sample_rollouts(model, tokenizer, examples, args, state):
+    """The student's rollouts of a training step: args.num_generations completions per example
+    from its student prompt, in one `generate` call with the script's sampling flags. Adds them to
+    state["generated_tokens"], the sampling cost the methods are compared on."""
+    prompts = [chat_prompt(tokenizer, student_message(e)) for e in examples]
+    rollouts = generate(model, tokenizer, prompts, args.max_new_tokens, args.temperature,
+                        args.top_p, args.top_k, num_samples=args.num_generations)
+    state["generated_tokens"] += rollouts["num_generated_tokens"]
+    return rollouts
+
+
 def pack_rows(prompt_ids, completion_ids, pad_id, device):
     """Right-padded [prompt + completion] rows for a training forward pass.
 
@@ -355,14 +363,15 @@ def pack_rows(prompt_ids, completion_ids, pad_id, device):
     return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
 
 
-def token_logprobs(model, input_ids, attention_mask):
-    """log p(x_{t+1} | x_<=t) for every position: [B, L-1], in float32.
+def token_logprobs(model, input_ids, attention_mask, temperature=1.0):
+    """log p(x_{t+1} | x_<=t) for every position: [B, L-1], in float32, under softmax(logits / T).
 
+    RL needs the log-probs of the policy that sampled, so pass the sampling temperature.
     cross_entropy over the flattened logits avoids keeping a full [B, L, V] log-softmax.
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     targets = input_ids[:, 1:]
-    logits = logits[:, :-1].float()  # [B, L-1, V]
+    logits = logits[:, :-1].float() / temperature  # [B, L-1, V]
     return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
@@ -372,18 +381,16 @@ def format_seconds(seconds):
         f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def evaluate(model, tokenizer, examples, max_new_tokens, batch_size=64, open_book=False):
+def evaluate(model, tokenizer, examples, max_new_tokens, batch_size=64, message=None):
     """Greedy accuracy on `examples`: {"accuracy": float, "n": int}.
 
-    open_book=True puts the reference solution in the prompt (the OPSD teacher's view).
+    message(example) -> the user message; default `student_message` (the problem alone).
     Shows progress with an ETA on stderr.
     """
     correct, start = 0, time.time()
     for first in range(0, len(examples), batch_size):
         batch = examples[first:first + batch_size]
-        messages = [teacher_prompt(e["question"], e["solution"]) if open_book else
-                    student_prompt(e["question"], answer_style(e["solution"])) for e in batch]
-        prompts = [chat_prompt(tokenizer, m) for m in messages]
+        prompts = [chat_prompt(tokenizer, (message or student_message)(e)) for e in batch]
         texts = generate(model, tokenizer, prompts, max_new_tokens)["texts"]
         correct += sum(is_correct(t, e["answer"]) for t, e in zip(texts, batch))
         done = first + len(batch)

@@ -143,11 +143,7 @@ def main(argv=None):
         examples = common.next_batch(train_examples, args, state)
 
         # 1. Rollouts: G samples per prompt from the current policy, one batched call.
-        prompts = [common.chat_prompt(tokenizer, common.student_prompt(
-            e["question"], common.answer_style(e["solution"]))) for e in examples]
-        rollouts = common.generate(model, tokenizer, prompts, args.max_new_tokens,
-                                   args.temperature, args.top_p, args.top_k, num_samples=group_size)
-        state["generated_tokens"] += rollouts["num_generated_tokens"]
+        rollouts = common.sample_rollouts(model, tokenizer, examples, args, state)
 
         # 2. Rewards and group-relative advantages.
         rewards = torch.tensor([reward(text, examples[i // group_size]["answer"], args.format_reward)
@@ -171,21 +167,26 @@ def main(argv=None):
         num_tokens = sum(int(completion_mask.sum()) for _, _, completion_mask in packed)
 
         # 4. pi_old: recorded once when the rollouts are reused (mu > 1); else logp.detach() below.
+        # All log-probs are those of the policy that sampled: softmax(logits / temperature), as in
+        # TRL. (At temperature 1 instead, E[grad log pi] over the samples is not 0: a bias.)
+        def logprobs(input_ids, attention_mask):
+            return common.token_logprobs(model, input_ids, attention_mask, args.temperature)
+
         old_logps, ref_logps = [], []
         with torch.no_grad():
             for input_ids, attention_mask, _ in packed:
                 if args.num_iterations > 1:
-                    old_logps.append(common.token_logprobs(model, input_ids, attention_mask))
+                    old_logps.append(logprobs(input_ids, attention_mask))
                 if args.beta > 0:
                     with lora_disabled(model):  # the reference is the base model: no second copy
-                        ref_logps.append(common.token_logprobs(model, input_ids, attention_mask))
+                        ref_logps.append(logprobs(input_ids, attention_mask))
 
         # 5. mu policy updates on the same rollouts.
         loss_sum, clipped, kl_sum = 0.0, 0.0, 0.0
         for _ in range(args.num_iterations):
             for b, (rows, (input_ids, attention_mask, completion_mask)) in enumerate(
                     zip(micro_batches, packed)):
-                logp = common.token_logprobs(model, input_ids, attention_mask)  # [B, L-1]
+                logp = logprobs(input_ids, attention_mask)  # [B, L-1]
                 old_logp = old_logps[b] if old_logps else logp.detach()
                 ref_logp = ref_logps[b] if ref_logps else None
                 loss = policy_loss(logp, old_logp, advantages[rows].to(device), completion_mask,

@@ -21,6 +21,7 @@ import random
 import time
 
 import common
+from opsd import teacher_prompt  # the OPSD teacher's view of a problem
 
 # Only for the built-in 1M-parameter toy model, and only for flags not given on the command line.
 TOY_SETTINGS = {"steps": 150, "batch_size": 32, "lr": 5e-4, "lora_r": 16, "lora_alpha": 32,
@@ -50,12 +51,11 @@ def sft_loss(logprobs, completion_mask, num_target_tokens):
 
 def encode(tokenizer, example, open_book, max_new_tokens):
     """(prompt ids, completion ids): the solution, cut to max_new_tokens, then EOS."""
-    question, solution = example["question"], example["solution"]
-    message = (common.teacher_prompt(question, solution) if open_book
-               else common.student_prompt(question, common.answer_style(solution)))
-    prompt = common.chat_prompt(tokenizer, message)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    solution_ids = tokenizer(solution, add_special_tokens=False)["input_ids"][:max_new_tokens - 1]
+    message = (teacher_prompt(example["question"], example["solution"]) if open_book
+               else common.student_message(example))
+    prompt_ids = tokenizer(common.chat_prompt(tokenizer, message), add_special_tokens=False)["input_ids"]
+    solution_ids = tokenizer(example["solution"], add_special_tokens=False)["input_ids"]
+    solution_ids = solution_ids[:max_new_tokens - 1]
     return prompt_ids, solution_ids + [tokenizer.eos_token_id]
 
 

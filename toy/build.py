@@ -28,6 +28,7 @@ TOY = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOY.parent))
 import common  # noqa: E402
 import sft  # noqa: E402
+from opsd import teacher_prompt  # noqa: E402
 
 NAMES = ["Tom", "Ana", "Ben", "Mia", "Sam", "Lea", "Max", "Zoe", "Leo", "Ivy"]
 ITEMS = ["apples", "pens", "cards", "books", "eggs", "coins", "shells", "stamps"]
@@ -121,6 +122,10 @@ def pass_at_8(model, tokenizer, examples, temperature=0.7):
     return sum(solved) / len(examples)
 
 
+def open_book(example):
+    return teacher_prompt(example["question"], example["solution"])
+
+
 def pretrain(init):
     """Full-parameter SFT from `init`, CHUNK steps at a time, until the targets are reached."""
     test = common.load_examples("toy", "test")
@@ -129,9 +134,11 @@ def pretrain(init):
         closed_book = json.loads((BUILD_DIR / "summary.json").read_text())["after"]["accuracy"]
         if closed_book >= CLOSED_BOOK_TARGET:
             model, tokenizer = common.load_model(str(common.latest_checkpoint(BUILD_DIR)))
-            open_book = common.evaluate(model, tokenizer, test, 64, 500, open_book=True)["accuracy"]
-            print(f"after {steps} steps: closed-book {closed_book:.3f}, open-book {open_book:.3f}")
-            if open_book >= OPEN_BOOK_TARGET:
+            open_book_accuracy = common.evaluate(model, tokenizer, test, 64, 500,
+                                                 message=open_book)["accuracy"]
+            print(f"after {steps} steps: closed-book {closed_book:.3f}, "
+                  f"open-book {open_book_accuracy:.3f}")
+            if open_book_accuracy >= OPEN_BOOK_TARGET:
                 return steps
     raise RuntimeError(f"targets not reached in {MAX_STEPS} steps")
 
@@ -155,7 +162,7 @@ def main():
     test = common.load_examples("toy", "test")
     report = {
         "closed_book_greedy": common.evaluate(model, tokenizer, test, 64, 500)["accuracy"],
-        "open_book_greedy": common.evaluate(model, tokenizer, test, 64, 500, open_book=True)["accuracy"],
+        "open_book_greedy": common.evaluate(model, tokenizer, test, 64, 500, message=open_book)["accuracy"],
         "closed_book_pass@8_t0.7": pass_at_8(model, tokenizer, test),
         "parameters": sum(p.numel() for p in model.parameters()),
         "pretrain_command": f"python sft.py --model <random init> --steps {steps} "

@@ -1,0 +1,254 @@
+"""opsd.py: On-Policy Self-Distillation (OPSD), LoRA by default.
+
+OPSD (Zhao et al. 2026, "Self-Distilled Reasoner", arXiv 2601.18734) trains a model with itself as
+the teacher. The student sees only the problem x; the teacher is the same weights shown x *and* the
+reference solution y* (privileged information). Per step:
+
+  1. the student samples its own completion o ~ p_S(. | x)                      (on-policy)
+  2. the teacher scores the same tokens: p_T(. | x, y*, o_<t) at every position t of o
+  3. the student minimises the per-token divergence D(p_T || p_S)(. | o_<t) over the whole vocabulary
+
+    L = (1/|o|) sum_t D( p_T(. | x, y*, o_<t),  p_S(. | x, o_<t) )
+
+There is no reward and no answer checking: a dense, per-token signal instead of one bit per sample,
+so one rollout per prompt is enough (GRPO needs a group of 8). By default the teacher is the frozen
+initial model (LoRA disabled: no second copy), which the paper found more stable than a teacher that
+moves with the student (`--teacher current`). D is the generalized JSD of `divergence`; the paper's
+final setting is beta = 0, the forward KL(p_T || p_S), with each vocabulary entry of the pointwise
+divergence capped at `--clip` 0.05 (its later version).
+
+The student prompt is the one sft.py and grpo.py use; the teacher prompt is `teacher_prompt` below.
+
+    python opsd.py                                                  # built-in toy model and task
+    python opsd.py --model Qwen/Qwen3-1.7B --data train.jsonl --gradient-checkpointing
+"""
+import argparse
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import common
+from lora import lora_disabled
+
+# Only for the built-in 1M-parameter toy model, and only for flags not given on the command line.
+# clip 0: on the toy, teacher and student disagree sharply on digits and a 0.05 cap reverses the
+# gradient of exactly those tokens (see `divergence` and the README): 46% -> 24% with it, 61% without.
+TOY_SETTINGS = {"steps": 150, "batch_size": 32, "lr": 5e-4, "lora_r": 16, "lora_alpha": 32,
+                "temperature": 0.7, "top_p": 1.0, "top_k": 0, "clip": 0.0, "max_new_tokens": 64,
+                "eval_batch_size": 500}
+
+
+def teacher_prompt(question, solution):
+    """The teacher's view: the problem, the reference solution, then an instruction to solve it anew
+    (after the OPSD paper's template). The toy base model was taught to read exactly this text."""
+    return (f"{question}\n\nHere is a reference solution:\n{solution}\n\n"
+            "After understanding the reference solution, please try to solve this problem using "
+            f"your own approach below.\n{common.INSTRUCTIONS[common.answer_style(solution)]}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_args(parser)
+    add = parser.add_argument
+    add("--num-generations", type=int, default=1, help="student completions per prompt")
+    add("--temperature", type=float, default=1.1, help="sampling; both logits are divided by it")
+    add("--top-p", type=float, default=0.95)
+    add("--top-k", type=int, default=20, help="0: no top-k")
+    add("--teacher", choices=["fixed", "current"], default="fixed",
+        help="fixed: the initial model (LoRA off); current: the weights being trained")
+    add("--loss", choices=["full", "sampled"], default="full",
+        help="full: divergence over the vocabulary; sampled: per-token advantage on sampled tokens")
+    add("--beta", type=float, default=0.0,
+        help="generalized JSD weight: 0 forward KL(teacher||student), 1 reverse KL, 0.5 JSD")
+    add("--clip", type=float, default=0.05,
+        help="cap on each vocabulary entry of the pointwise divergence (0: no cap)")
+    add("--chunk-size", type=int, default=128, help="positions per chunk of the divergence")
+    args = parser.parse_args(argv)
+    common.apply_toy_settings(args, parser, argv, TOY_SETTINGS)
+    args.out = args.out or "out/opsd"
+    args.micro_batch_size = args.micro_batch_size or args.batch_size * args.num_generations
+    return args
+
+
+def pointwise_divergence(student_logits, teacher_logits, beta, temperature, clip):
+    """Per-position divergence summed over the vocabulary: [..., V] logits -> [...].
+
+    With P_T = softmax(teacher / temperature), P_S = softmax(student / temperature):
+        beta = 0:      KL(P_T || P_S) = sum_v P_T (log P_T - log P_S)     "forward"
+        beta = 1:      KL(P_S || P_T) = sum_v P_S (log P_S - log P_T)     "reverse"
+        0 < beta < 1:  M = beta P_T + (1 - beta) P_S
+                       JSD_beta = beta KL(P_T || M) + (1 - beta) KL(P_S || M)
+    Forward KL is mass-covering (the student must put mass wherever the teacher does), reverse KL
+    mode-seeking. JSD_beta tends to 0 as beta -> 0 or 1, so the two endpoints are *defined* as the
+    plain KLs above (as in TRL's GKD): the loss is discontinuous there, on purpose.
+    clip > 0 caps each vocabulary entry from above before the sum: min(entry_v, clip).
+    """
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if beta == 0:
+        entries = log_p_teacher.exp() * (log_p_teacher - log_p_student)
+    elif beta == 1:
+        entries = log_p_student.exp() * (log_p_student - log_p_teacher)
+    else:
+        log_mixture = torch.logaddexp(log_p_teacher + math.log(beta),
+                                      log_p_student + math.log(1 - beta))  # log M, stably
+        entries = (beta * log_p_teacher.exp() * (log_p_teacher - log_mixture)
+                   + (1 - beta) * log_p_student.exp() * (log_p_student - log_mixture))
+    if clip > 0:
+        entries = entries.clamp(max=clip)  # a capped entry passes no gradient (see `divergence`)
+    return entries.sum(-1)
+
+
+def divergence(student_logits, teacher_logits, mask, beta=0.0, temperature=1.0, clip=0.0,
+               chunk_size=128):
+    """Token mean over the completion of the full-vocabulary divergence D(P_T || P_S) (OPSD eq. for
+    the full-distribution objective, arXiv 2601.18734; generalized JSD of GKD, arXiv 2306.13649).
+
+    student_logits, teacher_logits: [N, T, V], aligned so position t predicts completion token t;
+    mask: [N, T], 1 on completion tokens (EOS included), 0 on padding. See `pointwise_divergence`
+    for the formulas and which direction is "forward". Gradients flow into student_logits only.
+
+    Memory: the float32 softmaxes and the mixture are [N, chunk, V] at a time, never [N, T, V].
+    Each chunk runs under activation checkpointing, so its intermediates are recomputed in the
+    backward pass instead of being kept (with Qwen3's V = 151,936 a [1024, V] float32 tensor is
+    620 MB and a naive version keeps several). chunk_size=None computes it in one piece.
+
+    The clip, and why it can hurt: a capped entry j has zero gradient of its own, but through the
+    softmax the uncapped entries still push on z_j with d/dz_j = p_S(j) * P_T(uncapped) > 0, i.e.
+    the student's logit of a token the teacher strongly prefers goes *down*. On real LLMs few
+    entries exceed 0.05; on the toy, whose teacher and student disagree sharply on digits, many do.
+    """
+    teacher_logits = teacher_logits.detach()  # the teacher is a target, never trained
+    T = mask.shape[1]
+    chunk_size = chunk_size or T
+    total = 0.0
+    for start in range(0, T, chunk_size):
+        piece = slice(start, start + chunk_size)
+        args = (student_logits[:, piece], teacher_logits[:, piece], beta, temperature, clip)
+        per_position = (pointwise_divergence(*args) if chunk_size >= T
+                        else checkpoint(pointwise_divergence, *args, use_reentrant=False))  # [N, c]
+        total = total + (per_position * mask[:, piece]).sum()
+    return total / mask.sum().clamp(min=1)
+
+
+def sampled_token_loss(student_logprobs, teacher_logprobs, mask):
+    """The paper's cheaper ablation: only the sampled tokens y_t, as a per-token advantage.
+
+        A_t = stopgrad(log p_T(y_t) - log p_S(y_t)),    L = -(1/|o|) sum_t A_t log p_S(y_t)
+
+    The gradient -A_t grad log p_S(y_t) is a one-sample (REINFORCE) estimate of the gradient of the
+    reverse KL(p_S || p_T): tokens the teacher likes more than the student get pushed up.
+    student_logprobs, teacher_logprobs, mask: [N, T].
+    """
+    advantages = (teacher_logprobs - student_logprobs).detach()
+    return -(advantages * student_logprobs * mask).sum() / mask.sum().clamp(min=1)
+
+
+def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """Logits that predict each completion token: [N, T, V] for a [N, T] completion.
+
+    Rows are [left-padded prompt | right-padded completion], so the completion starts at the same
+    column for every row whatever the prompt length: student and teacher (different prompts) line
+    up by construction. Position ids count real tokens only, so left padding shifts nothing.
+    logits_to_keep = T + 1: the model never builds logits over the prompt.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P + T]
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    T = completion_ids.shape[1]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False, logits_to_keep=T + 1).logits  # [N, T + 1, V]
+    return logits[:, :-1]  # the logit at column P - 1 + t predicts completion token t
+
+
+def gathered_logprobs(logits, token_ids, temperature):
+    """log p(token) under softmax(logits / temperature): [N, T] from [N, T, V]."""
+    return -F.cross_entropy((logits.float() / temperature).flatten(0, 1), token_ids.flatten(),
+                            reduction="none").view_as(token_ids)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model, tokenizer, train_examples, eval_examples, optimizer, scheduler, step, state = \
+        common.start_run(args)
+    metrics_file = common.open_metrics(args.out, step)
+    device = common.device_of(model)
+    # The fixed teacher is the initial model: LoRA switched off, or with --full a frozen copy
+    # loaded from --model again (not the resumed weights).
+    if args.teacher == "fixed" and args.full:
+        teacher, _ = common.load_model(args.model)
+        teacher.requires_grad_(False)
+    else:
+        teacher = model
+    teacher_context = lora_disabled if (args.teacher == "fixed" and not args.full) else nullcontext
+    model.train()
+    loop_start, first_step, wall_before = time.time(), step, state["wall_seconds"]
+    while step < args.steps:
+        step_start = time.time()
+        examples = common.next_batch(train_examples, args, state)
+
+        # 1. The student samples its own completions from the problem alone.
+        rollouts = common.sample_rollouts(model, tokenizer, examples, args, state)
+
+        # 2. The teacher's prompt shows the reference solution; the completion tokens are the same.
+        teacher_prompts = [common.chat_prompt(tokenizer, teacher_prompt(e["question"], e["solution"]))
+                           for e in examples]
+        teacher_encoded = tokenizer(teacher_prompts, return_tensors="pt", padding=True,
+                                    padding_side="left", add_special_tokens=False).to(device)
+        teacher_ids = teacher_encoded["input_ids"].repeat_interleave(args.num_generations, 0)
+        teacher_mask = teacher_encoded["attention_mask"].repeat_interleave(args.num_generations, 0)
+
+        num_rows = len(rollouts["texts"])
+        num_tokens = int(rollouts["completion_mask"].sum())
+        loss_sum, step_tokens = 0.0, 0
+        for first in range(0, num_rows, args.micro_batch_size):
+            rows = slice(first, first + args.micro_batch_size)
+            completion_mask = rollouts["completion_mask"][rows]
+            width = int(completion_mask.sum(1).max())  # drop columns that are padding in every row
+            completion_ids, completion_mask = rollouts["completion_ids"][rows, :width], \
+                completion_mask[:, :width]
+            with torch.no_grad(), teacher_context(teacher):  # 3. teacher: no gradient, ever
+                teacher_logits = completion_logits(teacher, teacher_ids[rows], teacher_mask[rows],
+                                                   completion_ids, completion_mask)  # [B, T, V]
+            student_logits = completion_logits(model, rollouts["prompt_ids"][rows],
+                                               rollouts["prompt_mask"][rows],
+                                               completion_ids, completion_mask)  # [B, T, V]
+            # 4. The loss on this micro-batch is a token mean; weight it by its share of the
+            # step's tokens so the step's loss is the token mean over all of them.
+            if args.loss == "full":
+                loss = divergence(student_logits, teacher_logits, completion_mask, args.beta,
+                                  args.temperature, args.clip, args.chunk_size)
+            else:
+                loss = sampled_token_loss(
+                    gathered_logprobs(student_logits, completion_ids, args.temperature),
+                    gathered_logprobs(teacher_logits, completion_ids, args.temperature),
+                    completion_mask)
+            weight = int(completion_mask.sum()) / num_tokens
+            (loss * weight).backward()
+            loss_sum += loss.item() * weight
+            step_tokens += int(rollouts["prompt_mask"][rows].sum() + teacher_mask[rows].sum()
+                               + 2 * completion_mask.sum())
+        grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
+        step += 1
+
+        state["train_tokens"] += step_tokens
+        state["wall_seconds"] = wall_before + time.time() - loop_start
+        common.log_step(metrics_file, {
+            "step": step, "loss": loss_sum,
+            "completion_length": rollouts["completion_mask"].sum(1).float().mean().item(),
+            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "generated_tokens": state["generated_tokens"],
+            "tokens_per_second": round((rollouts["num_generated_tokens"] + step_tokens)
+                                       / (time.time() - step_start)),
+        }, args.steps, (time.time() - loop_start) / (step - first_step))
+        common.save_every(args, step, model, tokenizer, optimizer, scheduler, state)
+    common.finish_run(args, "opsd", model, tokenizer, optimizer, scheduler, step, state,
+                      eval_examples)
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

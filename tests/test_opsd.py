@@ -1,0 +1,208 @@
+import json
+import math
+
+import pytest
+import torch
+
+import common
+import opsd
+from lora import load_lora, lora_disabled, lora_layers
+
+
+def slow_divergence(student_logits, teacher_logits, mask, beta, temperature, clip):
+    """The formula, one position and one vocabulary entry at a time, in float64."""
+    N, T, V = student_logits.shape
+    total, count = 0.0, 0
+    for i in range(N):
+        for t in range(T):
+            if not mask[i, t]:
+                continue
+            p_student = torch.softmax(student_logits[i, t].double() / temperature, -1)
+            p_teacher = torch.softmax(teacher_logits[i, t].double() / temperature, -1)
+            position = 0.0
+            for v in range(V):
+                s, q = p_student[v].item(), p_teacher[v].item()
+                if beta == 0:
+                    entry = q * math.log(q / s)
+                elif beta == 1:
+                    entry = s * math.log(s / q)
+                else:
+                    m = beta * q + (1 - beta) * s
+                    entry = beta * q * math.log(q / m) + (1 - beta) * s * math.log(s / m)
+                position += min(entry, clip) if clip > 0 else entry
+            total += position
+            count += 1
+    return total / count
+
+
+def random_logits(N=3, T=5, V=7, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(N, T, V, generator=generator) * 2
+    teacher = torch.randn(N, T, V, generator=generator) * 2
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    return student, teacher, mask
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_divergence_matches_the_formula(beta, temperature, clip):
+    student, teacher, mask = random_logits()
+    got = opsd.divergence(student, teacher, mask, beta, temperature, clip)
+    expected = slow_divergence(student, teacher, mask, beta, temperature, clip)
+    assert got.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    if clip:  # the cap really acts in this case
+        assert got.item() < opsd.divergence(student, teacher, mask, beta, temperature, 0.0).item()
+
+
+def test_forward_and_reverse_are_not_swapped():
+    # teacher sure of token 0; student spread evenly over 4 tokens
+    teacher = torch.tensor([[[10.0, 0.0, 0.0, 0.0]]])
+    student = torch.zeros(1, 1, 4)
+    mask = torch.ones(1, 1)
+    p_teacher = torch.softmax(teacher[0, 0], -1)
+    forward = (p_teacher * (p_teacher.log() - math.log(0.25))).sum()  # KL(P_T || P_S)
+    reverse = (0.25 * (math.log(0.25) - p_teacher.log())).sum()      # KL(P_S || P_T)
+    assert opsd.divergence(student, teacher, mask, beta=0.0).item() == pytest.approx(forward.item(), rel=1e-5)
+    assert opsd.divergence(student, teacher, mask, beta=1.0).item() == pytest.approx(reverse.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_chunked_equals_unchunked(beta, clip):
+    student, teacher, mask = random_logits(T=5)
+    grads = []
+    values = []
+    for chunk_size in [None, 2]:
+        leaf = student.clone().requires_grad_()
+        loss = opsd.divergence(leaf, teacher, mask, beta, 0.9, clip, chunk_size=chunk_size)
+        loss.backward()
+        values.append(loss.item())
+        grads.append(leaf.grad)
+    assert values[0] == pytest.approx(values[1], rel=1e-6)
+    assert torch.allclose(grads[0], grads[1], atol=1e-7)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_divergence_of_a_distribution_with_itself_is_zero(beta):
+    student, _, mask = random_logits()
+    leaf = student.clone().requires_grad_()
+    loss = opsd.divergence(leaf, student.clone(), mask, beta, 1.3)
+    loss.backward()
+    assert abs(loss.item()) < 1e-6
+    assert leaf.grad.abs().max() < 1e-6
+
+
+def test_padding_contributes_nothing_and_the_teacher_gets_no_gradient():
+    student, teacher, mask = random_logits()
+    student = student.requires_grad_()
+    teacher = teacher.requires_grad_()
+    loss = opsd.divergence(student, teacher, mask)
+    loss.backward()
+    assert teacher.grad is None
+    assert student.grad[mask == 0].abs().max() == 0 and student.grad[mask == 1].abs().max() > 0
+    changed = student.detach().clone()
+    changed[mask == 0] = 100.0
+    assert opsd.divergence(changed, teacher, mask).item() == pytest.approx(loss.item())
+
+
+def test_sampled_token_loss_matches_the_formula():
+    torch.manual_seed(0)
+    student_logprobs = (-torch.rand(2, 4) * 3).requires_grad_()
+    teacher_logprobs = -torch.rand(2, 4) * 3
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    loss = opsd.sampled_token_loss(student_logprobs, teacher_logprobs, mask)
+    loss.backward()
+    advantages = teacher_logprobs - student_logprobs.detach()
+    assert loss.item() == pytest.approx((-(advantages * student_logprobs.detach())[mask.bool()]).mean().item())
+    # the advantage is a constant: the gradient is -A_t / |o| on completion tokens, 0 elsewhere
+    assert torch.allclose(student_logprobs.grad, -advantages * mask / mask.sum())
+
+
+def test_completion_logits_line_up_whatever_the_prompt(toy):
+    """Batched, left-padded rows give the logits of each row run alone, at the completion tokens."""
+    model, tokenizer = toy
+    prompts = ["Tom has 3 pens.", "A much longer prompt: Ben has 33 eggs and finds 6 more."]
+    completions = ["3+1=4\n#### 4", "33+6=39"]
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+    P, T = max(map(len, prompt_ids)), max(map(len, completion_ids))
+    pad = tokenizer.pad_token_id
+    batch_prompt = torch.tensor([[pad] * (P - len(p)) + p for p in prompt_ids])
+    batch_prompt_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompt_ids])
+    batch_completion = torch.tensor([c + [pad] * (T - len(c)) for c in completion_ids])
+    batch_completion_mask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in completion_ids])
+    with torch.no_grad():
+        batched = opsd.completion_logits(model, batch_prompt, batch_prompt_mask, batch_completion,
+                                         batch_completion_mask)
+        assert batched.shape == (2, T, model.config.vocab_size)
+        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+            alone = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:len(p) + len(c) - 1]
+            assert torch.allclose(batched[i, :len(c)], alone, atol=1e-4)
+
+
+def test_training_step_sees_the_same_completion_and_keeps_the_fixed_teacher(tmp_path, monkeypatch, toy):
+    calls = []
+    real_completion_logits = opsd.completion_logits
+
+    def recording(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+        logits = real_completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        disabled = all(layer.disabled for layer in lora_layers(model))
+        calls.append((prompt_ids.clone(), completion_ids.clone(), completion_mask.clone(),
+                      disabled, logits.requires_grad))
+        return logits
+
+    monkeypatch.setattr(opsd, "completion_logits", recording)
+    out = tmp_path / "opsd"
+    opsd.main(["--steps", "2", "--batch-size", "4", "--eval-n", "4", "--out", str(out)])
+    assert len(calls) == 4  # teacher, student; twice
+    for teacher_call, student_call in [calls[0:2], calls[2:4]]:
+        assert torch.equal(teacher_call[1], student_call[1])  # identical completion token ids
+        assert torch.equal(teacher_call[2], student_call[2])
+        assert teacher_call[3] and not teacher_call[4]  # fixed teacher: LoRA off, no graph
+        assert not student_call[3] and student_call[4]
+        assert teacher_call[0].shape[1] > student_call[0].shape[1]  # the teacher prompt is longer
+
+    # The base weights (the fixed teacher) are untouched; the adapter learned something.
+    base, _ = toy
+    trained, _ = common.load_model("toy")
+    load_lora(trained, common.latest_checkpoint(out))
+    with torch.no_grad(), lora_disabled(trained):
+        ids = torch.tensor([[5, 6, 7, 8, 9]])
+        assert torch.equal(trained(input_ids=ids).logits, base(input_ids=ids).logits)
+    assert any(layer.lora_B.weight.abs().sum() > 0 for layer in lora_layers(trained))
+
+
+def heldout_divergence(student, teacher, tokenizer, examples, rollouts):
+    """Mean forward KL(teacher || student) on fixed rollouts, computed as opsd.main does."""
+    teacher_prompts = [common.chat_prompt(tokenizer, opsd.teacher_prompt(e["question"], e["solution"]))
+                       for e in examples]
+    encoded = tokenizer(teacher_prompts, return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=False)
+    with torch.no_grad():
+        teacher_logits = opsd.completion_logits(teacher, encoded["input_ids"], encoded["attention_mask"],
+                                                rollouts["completion_ids"], rollouts["completion_mask"])
+        student_logits = opsd.completion_logits(student, rollouts["prompt_ids"], rollouts["prompt_mask"],
+                                                rollouts["completion_ids"], rollouts["completion_mask"])
+        return opsd.divergence(student_logits, teacher_logits, rollouts["completion_mask"],
+                               temperature=0.7).item()
+
+
+def test_short_toy_run_lowers_the_divergence_on_held_out_rollouts(tmp_path, toy):
+    base, tokenizer = toy
+    examples = common.load_examples("toy", "test")[:32]
+    torch.manual_seed(0)
+    prompts = [common.chat_prompt(tokenizer, common.student_message(e)) for e in examples]
+    rollouts = common.generate(base, tokenizer, prompts, 64, temperature=0.7)
+    before = heldout_divergence(base, base, tokenizer, examples, rollouts)
+
+    out = tmp_path / "opsd"
+    opsd.main(["--steps", "12", "--batch-size", "16", "--eval-n", "8", "--out", str(out)])
+    trained, _ = common.load_model("toy")
+    load_lora(trained, common.latest_checkpoint(out))
+    after = heldout_divergence(trained, base, tokenizer, examples, rollouts)
+    print(f"held-out divergence {before:.4f} -> {after:.4f}")
+    assert after < 0.9 * before
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "opsd" and summary["generated_tokens"] == rows[-1]["generated_tokens"] > 0
