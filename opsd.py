@@ -38,8 +38,8 @@ from lora import lora_disabled
 # clip 0: on the toy, teacher and student disagree sharply on digits and a 0.05 cap reverses the
 # gradient of exactly those tokens (see `divergence` and the README): 46% -> 24% with it, 61% without.
 TOY_SETTINGS = {"steps": 150, "batch_size": 32, "lr": 5e-4, "lora_r": 16, "lora_alpha": 32,
-                "temperature": 0.7, "top_p": 1.0, "top_k": 0, "clip": 0.0, "max_new_tokens": 64,
-                "eval_batch_size": 500}
+                "max_grad_norm": 1.0, "temperature": 0.7, "top_p": 1.0, "top_k": 0, "clip": 0.0,
+                "max_new_tokens": 64, "eval_batch_size": 500}
 
 
 def teacher_prompt(question, solution):
@@ -67,6 +67,7 @@ def parse_args(argv=None):
     add("--clip", type=float, default=0.05,
         help="cap on each vocabulary entry of the pointwise divergence (0: no cap)")
     add("--chunk-size", type=int, default=128, help="positions per chunk of the divergence")
+    parser.set_defaults(lr=5e-6, max_grad_norm=0.1)  # the OPSD paper's settings
     args = parser.parse_args(argv)
     common.apply_toy_settings(args, parser, argv, TOY_SETTINGS)
     args.out = args.out or "out/opsd"

@@ -45,7 +45,7 @@ PRETRAIN_ARGS = ["--full", "--data", "toy", "--open-book-fraction", "0.45", "--b
                  "--warmup-steps", "50", "--max-new-tokens", "64", "--eval-batch-size", "500",
                  "--resume"]
 CHUNK, FIRST_STOP, MAX_STEPS = 50, 300, 2000
-CLOSED_BOOK_TARGET, OPEN_BOOK_TARGET = 0.25, 0.9
+CLOSED_BOOK_TARGET, OPEN_BOOK_TARGET = 0.40, 0.9
 
 
 def make_problem(rng):
@@ -147,7 +147,11 @@ def main():
     write_task()
     shutil.rmtree(BUILD_DIR, ignore_errors=True)
     make_random_model(make_tokenizer(), BUILD_DIR / "init")
-    steps = pretrain(BUILD_DIR / "init")
+    install(pretrain(BUILD_DIR / "init"))
+
+
+def install(steps):
+    """Copy the last pretraining checkpoint to toy/model/ and measure it (build_report.json)."""
     model_dir = TOY / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
     checkpoint = common.latest_checkpoint(BUILD_DIR)
@@ -162,7 +166,8 @@ def main():
     test = common.load_examples("toy", "test")
     report = {
         "closed_book_greedy": common.evaluate(model, tokenizer, test, 64, 500)["accuracy"],
-        "open_book_greedy": common.evaluate(model, tokenizer, test, 64, 500, message=open_book)["accuracy"],
+        "open_book_greedy": common.evaluate(model, tokenizer, test, 64, 500,
+                                            message=open_book)["accuracy"],
         "closed_book_pass@8_t0.7": pass_at_8(model, tokenizer, test),
         "parameters": sum(p.numel() for p in model.parameters()),
         "pretrain_command": f"python sft.py --model <random init> --steps {steps} "
