@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import common
 import opsd
@@ -206,3 +207,33 @@ def test_short_toy_run_lowers_the_divergence_on_held_out_rollouts(tmp_path, toy)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "opsd" and summary["generated_tokens"] == rows[-1]["generated_tokens"] > 0
+
+
+def test_resume_after_a_crash_samples_and_trains_exactly_as_without_one(tmp_path, monkeypatch):
+    # the rollouts are sampled: the RNG state must come back with the checkpoint
+    args = ["--steps", "4", "--batch-size", "4", "--save-every", "2", "--eval-n", "4"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    opsd.main(args + ["--out", str(straight)])
+
+    real_log_step = common.log_step
+
+    def crash_after_step_3(metrics_file, row, *rest):
+        real_log_step(metrics_file, row, *rest)
+        if row["step"] == 3:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(common, "log_step", crash_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        opsd.main(args + ["--out", str(broken)])
+    monkeypatch.setattr(common, "log_step", real_log_step)
+    assert common.latest_checkpoint(broken).name == "checkpoint-000002"
+
+    opsd.main(args + ["--out", str(broken), "--resume"])
+
+    def metrics(out):
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in metrics(broken)] == [1, 2, 3, 4]
+    for a, b in zip(metrics(straight), metrics(broken)):
+        assert a["loss"] == b["loss"] and a["generated_tokens"] == b["generated_tokens"]
+    adapter_a = load_file(common.latest_checkpoint(straight) / "adapter_model.safetensors")
+    adapter_b = load_file(common.latest_checkpoint(broken) / "adapter_model.safetensors")
+    assert all(torch.equal(adapter_a[k], adapter_b[k]) for k in adapter_a)
