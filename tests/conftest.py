@@ -21,3 +21,21 @@ def toy_model(toy):
     model, tokenizer = toy
     torch.manual_seed(0)
     return copy.deepcopy(model), tokenizer
+
+
+@pytest.fixture
+def crash_after(monkeypatch):
+    """crash_after(step, main, argv): run a script's main(argv) and stop it with KeyboardInterrupt
+    right after it has logged `step`, as a killed job would stop."""
+    def run(step, main, argv):
+        real_log_step = common.log_step
+
+        def log_then_crash(metrics_file, row, *rest):
+            real_log_step(metrics_file, row, *rest)
+            if row["step"] == step:
+                raise KeyboardInterrupt
+        monkeypatch.setattr(common, "log_step", log_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            main(argv)
+        monkeypatch.setattr(common, "log_step", real_log_step)
+    return run

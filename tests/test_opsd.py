@@ -209,22 +209,13 @@ def test_short_toy_run_lowers_the_divergence_on_held_out_rollouts(tmp_path, toy)
     assert summary["method"] == "opsd" and summary["generated_tokens"] == rows[-1]["generated_tokens"] > 0
 
 
-def test_resume_after_a_crash_samples_and_trains_exactly_as_without_one(tmp_path, monkeypatch):
+def test_resume_after_a_crash_samples_and_trains_exactly_as_without_one(tmp_path, crash_after):
     # the rollouts are sampled: the RNG state must come back with the checkpoint
     args = ["--steps", "4", "--batch-size", "4", "--save-every", "2", "--eval-n", "4"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     opsd.main(args + ["--out", str(straight)])
 
-    real_log_step = common.log_step
-
-    def crash_after_step_3(metrics_file, row, *rest):
-        real_log_step(metrics_file, row, *rest)
-        if row["step"] == 3:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(common, "log_step", crash_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        opsd.main(args + ["--out", str(broken)])
-    monkeypatch.setattr(common, "log_step", real_log_step)
+    crash_after(3, opsd.main, args + ["--out", str(broken)])
     assert common.latest_checkpoint(broken).name == "checkpoint-000002"
 
     opsd.main(args + ["--out", str(broken), "--resume"])

@@ -74,23 +74,14 @@ def test_short_run_lowers_loss_and_writes_outputs(tmp_path):
     assert json.loads((checkpoint / "state.json").read_text())["data_position"] == 24 * 8
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, crash_after):
     # dropout and open-book prompts both draw random numbers, so RNG state must be restored too
     args = QUICK + ["--steps", "6", "--save-every", "2", "--lora-dropout", "0.1",
                     "--open-book-fraction", "0.3", "--lr", "1e-3"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     sft.main(args + ["--out", str(straight)])
 
-    real_log_step = common.log_step
-
-    def crash_after_step_5(metrics_file, row, *rest):
-        real_log_step(metrics_file, row, *rest)
-        if row["step"] == 5:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(common, "log_step", crash_after_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        sft.main(args + ["--out", str(broken)])
-    monkeypatch.setattr(common, "log_step", real_log_step)
+    crash_after(5, sft.main, args + ["--out", str(broken)])
     assert common.latest_checkpoint(broken).name == "checkpoint-000004"
     assert len(metrics(broken)) == 5
 

@@ -114,7 +114,7 @@ def make_random_model(tokenizer, folder):
 
 
 def pass_at_8(model, tokenizer, examples, temperature=0.7):
-    prompts = [common.chat_prompt(tokenizer, common.student_prompt(e["question"])) for e in examples]
+    prompts = [common.chat_prompt(tokenizer, common.student_message(e)) for e in examples]
     texts = common.generate(model, tokenizer, prompts, 64, temperature=temperature,
                             num_samples=8)["texts"]
     solved = [any(common.is_correct(t, e["answer"]) for t in texts[8 * i:8 * i + 8])
