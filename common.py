@@ -3,6 +3,7 @@
 Model and tokenizer loading, data, prompts and answer checking, generation, evaluation, AdamW and
 the learning-rate schedule, checkpointing and logging. Nothing here knows which method is running.
 """
+import argparse
 import importlib.util
 import json
 import math
@@ -10,8 +11,10 @@ import os
 import random
 import re
 import shutil
+import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -62,8 +65,21 @@ def add_common_args(parser):
     add("--lora-dropout", type=float, default=0.0)
     add("--gradient-checkpointing", action="store_true")
     add("--max-new-tokens", type=int, default=1024)
+    add("--temperature", type=float, default=1.0, help="sampling of the model's own completions")
+    add("--top-p", type=float, default=1.0)
+    add("--top-k", type=int, default=0, help="0: no top-k")
     add("--eval-n", type=int, default=500, help="held-out problems to evaluate on")
-    add("--eval-batch-size", type=int, default=64)
+    add("--eval-batch-size", type=int, default=64, help="rows per generate call in evaluation")
+    add("--eval-every", type=int, default=0, help="greedy held-out accuracy every N steps (0: off)")
+    add("--eval-k", type=int, default=0,
+        help="before and after training, also sample K completions per held-out problem: "
+             "mean@K, pass@K, maj@K (0: greedy accuracy only)")
+    add("--eval-temperature", type=float, default=1.0, help="sampling temperature of --eval-k")
+
+
+# Toy settings that every script shares: short answers, and 256 rows per generate call (measured
+# fastest on 2 CPU cores: larger batches spend their time on padding after most rows have stopped).
+TOY_EVAL_SETTINGS = {"max_new_tokens": 64, "eval_batch_size": 256, "eval_temperature": 0.7}
 
 
 def apply_toy_settings(args, parser, argv, toy_settings):
@@ -77,7 +93,8 @@ def apply_toy_settings(args, parser, argv, toy_settings):
     argv = sys.argv[1:] if argv is None else argv
     given = {action.dest for action in parser._actions for option in action.option_strings
              if any(arg == option or arg.startswith(option + "=") for arg in argv)}
-    used = {key: value for key, value in toy_settings.items() if key not in given}
+    used = {key: value for key, value in {**toy_settings, **TOY_EVAL_SETTINGS}.items()
+            if key not in given and hasattr(args, key)}
     for key, value in used.items():
         setattr(args, key, value)
     print("toy settings: " + ", ".join(f"{key}={value}" for key, value in used.items()))
@@ -381,24 +398,88 @@ def format_seconds(seconds):
         f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def evaluate(model, tokenizer, examples, max_new_tokens, batch_size=64, message=None):
-    """Greedy accuracy on `examples`: {"accuracy": float, "n": int}.
+def pass_at_k(n, c, k):
+    """Unbiased pass@k (Chen et al. 2021, arXiv 2107.03374): the chance that at least one of k
+    samples drawn without replacement from n, of which c are correct, is correct.
 
+        pass@k = 1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n-c+1}^{n} (1 - k / i)
+
+    The product form never builds the binomials, which overflow floats for large n.
+    """
+    if n - c < k:
+        return 1.0  # every choice of k contains a correct sample
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority_vote(answers):
+    """The most frequent final answer among samples (None = no readable answer, never a vote).
+
+    Tie rule: among the answers with the highest count, the one that appears first in `answers`
+    (the earliest sample) wins. Returns None when no sample has a readable answer.
+    """
+    counts = Counter(answer for answer in answers if answer is not None)  # keeps first-seen order
+    return max(counts, key=counts.get) if counts else None  # max returns the first of equal counts
+
+
+def sample_metrics(sampled_answers, references):
+    """Metrics over problems from k sampled final answers each (normalized, or None).
+
+    mean@k: average accuracy of the samples (the OPSD paper's Avg@k; equals pass@1).
+    pass@j: unbiased estimate for j = 1, 2, 4, ... up to k (see `pass_at_k`).
+    maj@k: the majority-voted answer (`majority_vote`) is correct.
+    more_than_half@k: more than k/2 of the samples are correct (the "5 of 8" some comparisons
+    report as "majority@8": a different and stricter metric than maj@k).
+    """
+    k = len(sampled_answers[0])
+    correct = [sum(answer == reference for answer in answers)
+               for answers, reference in zip(sampled_answers, references)]
+    problems = len(references)
+    metrics = {f"mean@{k}": sum(correct) / (k * problems)}
+    for j in sorted({2 ** i for i in range(k.bit_length()) if 2 ** i <= k} | {k}):
+        metrics[f"pass@{j}"] = sum(pass_at_k(k, c, j) for c in correct) / problems
+    metrics[f"maj@{k}"] = sum(majority_vote(answers) == reference for answers, reference
+                              in zip(sampled_answers, references)) / problems
+    metrics[f"more_than_half@{k}"] = sum(2 * c > k for c in correct) / problems
+    return metrics
+
+
+def evaluate(model, tokenizer, examples, max_new_tokens, batch_size=64, message=None, k=0,
+             temperature=1.0, top_p=1.0, top_k=0):
+    """Greedy accuracy on `examples`, and with k > 0 the `sample_metrics` of k samples per problem.
+
+    Returns {"accuracy", "n"} (+ "k", "temperature", "mean@k", "pass@j", "maj@k", ...).
     message(example) -> the user message; default `student_message` (the problem alone).
+    batch_size counts rows of a generate call: batch_size // k problems at a time when sampling.
     Shows progress with an ETA on stderr.
     """
-    correct, start = 0, time.time()
-    for first in range(0, len(examples), batch_size):
-        batch = examples[first:first + batch_size]
-        prompts = [chat_prompt(tokenizer, (message or student_message)(e)) for e in batch]
-        texts = generate(model, tokenizer, prompts, max_new_tokens)["texts"]
-        correct += sum(is_correct(t, e["answer"]) for t, e in zip(texts, batch))
-        done = first + len(batch)
-        eta = (time.time() - start) / done * (len(examples) - done)
-        print(f"\r  eval {done}/{len(examples)}  acc {correct / done:.3f}  eta "
-              f"{format_seconds(eta)}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    return {"accuracy": correct / max(1, len(examples)), "n": len(examples)}
+    references = [normalize_answer(e["answer"]) for e in examples]
+    prompts = [chat_prompt(tokenizer, (message or student_message)(e)) for e in examples]
+    runs = [("greedy", 1, 0.0)] + ([(f"{k} samples", k, temperature)] if k else [])
+    answers = {}
+    for name, num_samples, run_temperature in runs:
+        step, start, answers[name] = max(1, batch_size // num_samples), time.time(), []
+        for first in range(0, len(examples), step):
+            texts = generate(model, tokenizer, prompts[first:first + step], max_new_tokens,
+                             run_temperature, top_p, top_k, num_samples)["texts"]
+            answers[name] += [[extract_answer(text) for text in texts[i:i + num_samples]]
+                              for i in range(0, len(texts), num_samples)]
+            done = len(answers[name])
+            eta = (time.time() - start) / done * (len(examples) - done)
+            print(f"\r  eval {name} {done}/{len(examples)}  eta {format_seconds(eta)}", end="",
+                  file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+    result = {"accuracy": sum(a[0] == r for a, r in zip(answers["greedy"], references))
+              / max(1, len(examples)), "n": len(examples)}
+    if k:
+        result.update({"k": k, "temperature": temperature},
+                      **sample_metrics(answers[f"{k} samples"], references))
+    return result
+
+
+def describe(result):
+    """One line for an `evaluate` result: 'held-out accuracy 0.444 (n=500)  mean@8 0.41 ...'."""
+    extra = "".join(f"  {key} {value:.3f}" for key, value in result.items() if "@" in key)
+    return f"held-out accuracy {result['accuracy']:.3f} (n={result['n']}){extra}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -530,7 +611,7 @@ def start_run(args, updates_per_step=1):
                                args.schedule)
 
     step, state = 0, {"data_position": 0, "train_tokens": 0, "generated_tokens": 0,
-                      "wall_seconds": 0.0}
+                      "wall_seconds": 0.0, "eval_seconds": 0.0}
     checkpoint = latest_checkpoint(args.out) if args.resume else None
     if checkpoint:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, args.full)
@@ -539,12 +620,27 @@ def start_run(args, updates_per_step=1):
     else:
         if args.resume:
             print(f"no checkpoint in {args.out}: starting from step 0")
-        state["before"] = evaluate(model, tokenizer, eval_examples, args.max_new_tokens,
-                                   args.eval_batch_size)
-        print(f"before: held-out accuracy {state['before']['accuracy']:.3f} "
-              f"(n={state['before']['n']})")
+        state["before"] = run_evaluation(args, model, tokenizer, eval_examples, state, args.eval_k)
+        print(f"before: {describe(state['before'])}")
     state["wall_seconds"] += time.time() - started
     return model, tokenizer, train_examples, eval_examples, optimizer, scheduler, step, state
+
+
+def run_evaluation(args, model, tokenizer, eval_examples, state, k=0):
+    """`evaluate` with the script's flags; its time goes to state["eval_seconds"]."""
+    started = time.time()
+    result = evaluate(model, tokenizer, eval_examples, args.max_new_tokens, args.eval_batch_size,
+                      k=k, temperature=args.eval_temperature)
+    state["eval_seconds"] += time.time() - started
+    return result
+
+
+def periodic_evaluation(args, step, model, tokenizer, eval_examples, state):
+    """Every --eval-every steps (not the last: finish_run evaluates it), the greedy held-out
+    accuracy for the step's metrics: {"eval_accuracy": ...}, else {}."""
+    if not args.eval_every or step % args.eval_every or step == args.steps:
+        return {}
+    return {"eval_accuracy": run_evaluation(args, model, tokenizer, eval_examples, state)["accuracy"]}
 
 
 def optimizer_step(model, optimizer, scheduler, max_grad_norm):
@@ -561,16 +657,16 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm):
 def finish_run(args, method, model, tokenizer, optimizer, scheduler, step, state, eval_examples):
     """Evaluate "after", save the final checkpoint and write summary.json."""
     started = time.time()
-    after = evaluate(model, tokenizer, eval_examples, args.max_new_tokens, args.eval_batch_size)
-    print(f"after: held-out accuracy {after['accuracy']:.3f} (n={after['n']}), "
-          f"before {state['before']['accuracy']:.3f}")
+    after = run_evaluation(args, model, tokenizer, eval_examples, state, args.eval_k)
+    print(f"after: {describe(after)}, before {state['before']['accuracy']:.3f}")
     state["wall_seconds"] += time.time() - started
     folder = save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler, state, args)
     print(f"saved {'model' if args.full else 'adapter'} to {folder}")
     write_summary(args.out, {
         "method": method, "before": state["before"], "after": after, "steps": step,
         "train_tokens": state["train_tokens"], "generated_tokens": state["generated_tokens"],
-        "wall_seconds": round(state["wall_seconds"], 1)})
+        "wall_seconds": round(state["wall_seconds"], 1),
+        "eval_seconds": round(state["eval_seconds"], 1)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,3 +697,125 @@ def log_step(metrics_file, metrics, total_steps, seconds_per_step):
 def write_summary(out, summary):
     (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: `python common.py eval ...` and `python common.py compare OUT_DIR...`
+
+def evaluate_command(args):
+    """Evaluate a model (+ adapter) on held-out problems; print the metrics and write them as JSON."""
+    torch.manual_seed(args.seed)  # the same samples on every run
+    examples = load_examples(args.data, args.split)[:args.eval_n]
+    model, tokenizer = load_model(args.model)
+    if args.adapter:
+        load_lora(model, args.adapter)
+    result = evaluate(model, tokenizer, examples, args.max_new_tokens, args.batch_size, k=args.k,
+                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    result.update(model=args.model, adapter=args.adapter, data=args.data, split=args.split)
+    out = Path(args.out or Path(args.adapter or "out") / "eval.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(describe(result))
+    print(f"wrote {out}")
+
+
+def read_run(folder):
+    """summary.json and metrics.jsonl of a finished run folder."""
+    folder = Path(folder)
+    if not (folder / "summary.json").is_file():
+        raise InputError(f"{folder}: no summary.json (not a finished run)")
+    metrics = folder / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
+        if metrics.is_file() else []
+    return json.loads((folder / "summary.json").read_text()), rows
+
+
+def spread(values, scale=1.0, digits=1):
+    """'mean ± sample standard deviation' of the values that exist (None: missing) over seeds."""
+    values = [value * scale for value in values if value is not None]
+    if not values:
+        return "–"
+    text = f"{statistics.mean(values):,.{digits}f}"
+    return text + (f" ± {statistics.stdev(values):,.{digits}f}" if len(values) > 1 else "")
+
+
+def compare_command(args):
+    """A Markdown table of runs grouped by method (mean ± sd over seeds); optionally a plot."""
+    runs = [read_run(folder) for folder in args.runs]
+    methods = {"base (before)": [({**summary, "after": summary["before"], "generated_tokens": 0,
+                                   "train_tokens": 0, "wall_seconds": 0, "eval_seconds": 0}, [])
+                                 for summary, _ in runs]}  # every run starts from the same base
+    for summary, rows in runs:
+        methods.setdefault(summary["method"], []).append((summary, rows))
+    k = max(summary["after"].get("k", 0) for summary, _ in runs)
+    accuracies = ["accuracy"] + ([f"mean@{k}", f"pass@{k}", f"maj@{k}"] if k else [])
+    header = ["method", "runs", "greedy accuracy (%)"] + [f"{name} (%)" for name in accuracies[1:]]
+    lines = ["| " + " | ".join(header + ["generated tokens", "training tokens",
+                                         "training time (s)"]) + " |", "|" + " --- |" * (len(header) + 3)]
+    for method, group in methods.items():
+        cells = [spread([s["after"].get(name) for s, _ in group], 100) for name in accuracies]
+        cells += [spread([s[key] for s, _ in group], digits=0)
+                  for key in ["generated_tokens", "train_tokens"]]
+        cells.append(spread([s["wall_seconds"] - s.get("eval_seconds", 0) for s, _ in group],
+                            digits=0))  # evaluation time left out: the runs evaluate alike
+        lines.append(f"| {method} | {len(group)} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    if importlib.util.find_spec("matplotlib") is None:
+        print("(matplotlib is not installed: no plot)")
+        return
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for index, (method, group) in enumerate(list(methods.items())[1:]):
+        for run, (summary, rows) in enumerate(group):
+            points = [(0, summary["before"]["accuracy"])] + [
+                (row["generated_tokens"], row["eval_accuracy"]) for row in rows if "eval_accuracy" in row
+            ] + [(summary["generated_tokens"], summary["after"]["accuracy"])]
+            axes.plot([x for x, _ in points], [100 * y for _, y in points], marker="o", markersize=3,
+                      color=f"C{index}", alpha=0.8, label=method if run == 0 else None)
+    axes.set_xlabel("generated tokens (sampling cost)")
+    axes.set_ylabel("held-out greedy accuracy (%)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.plot, dpi=120)
+    print(f"wrote {args.plot}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="evaluate a model, or compare finished runs")
+    commands = parser.add_subparsers(dest="command", required=True)
+    evaluation = commands.add_parser("eval", help="greedy accuracy, mean@k, pass@k, maj@k")
+    add = evaluation.add_argument
+    add("--model", default="toy", help="Hugging Face model id or local folder; 'toy' = built-in")
+    add("--adapter", default=None, help="a LoRA checkpoint folder (adapter_model.safetensors)")
+    add("--data", default="toy", help="'toy' (its test split) or a local .jsonl/.json file")
+    add("--split", choices=["all", "test"], default="all",
+        help="of a file: all records, or the held-out slice the training scripts keep")
+    add("--k", type=int, default=8, help="samples per problem (0: greedy only)")
+    add("--temperature", type=float, default=1.0)
+    add("--top-p", type=float, default=1.0)
+    add("--top-k", type=int, default=0, help="0: no top-k")
+    add("--max-new-tokens", type=int, default=1024)
+    add("--eval-n", type=int, default=500, help="problems to evaluate on (the first N)")
+    add("--batch-size", type=int, default=64, help="rows per generate call")
+    add("--seed", type=int, default=0)
+    add("--out", default=None, help="JSON file (default: ADAPTER/eval.json, else out/eval.json)")
+    comparison = commands.add_parser("compare", help="a Markdown table (and a plot) of runs")
+    comparison.add_argument("runs", nargs="+", help="output folders of finished runs")
+    comparison.add_argument("--plot", default="out/compare.png",
+                            help="PNG of accuracy against generated tokens (needs matplotlib)")
+    args = parser.parse_args(argv)
+    if args.command == "eval":
+        argv = sys.argv[2:] if argv is None else argv[1:]
+        args.split = "test" if args.data == "toy" else args.split
+        apply_toy_settings(args, evaluation, argv, {"batch_size": 256})
+        evaluate_command(args)
+    else:
+        compare_command(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)

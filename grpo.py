@@ -38,7 +38,7 @@ from lora import lora_disabled
 # Only for the built-in 1M-parameter toy model, and only for flags not given on the command line.
 # (A prototype with lr 2e-3 and temperature 1.0 collapsed: reward 0 within 75 steps.)
 TOY_SETTINGS = {"steps": 60, "batch_size": 16, "lr": 5e-4, "lora_r": 16, "lora_alpha": 32,
-                "temperature": 0.7, "max_new_tokens": 64, "eval_batch_size": 500}
+                "temperature": 0.7}
 
 
 def parse_args(argv=None):
@@ -46,9 +46,6 @@ def parse_args(argv=None):
     common.add_common_args(parser)
     add = parser.add_argument
     add("--num-generations", type=int, default=8, help="completions per prompt (group size G)")
-    add("--temperature", type=float, default=1.0)
-    add("--top-p", type=float, default=1.0)
-    add("--top-k", type=int, default=0, help="0: no top-k")
     add("--scale-rewards", choices=["group", "none"], default="group")
     add("--skip-zero-std", action="store_true", help="drop groups whose rewards are all equal")
     add("--loss-type", choices=["grpo", "dr_grpo", "dapo"], default="grpo")
@@ -222,6 +219,7 @@ def main(argv=None):
             "generated_tokens": state["generated_tokens"],
             "tokens_per_second": round((rollouts["num_generated_tokens"] + step_tokens)
                                        / (time.time() - step_start)),
+            **common.periodic_evaluation(args, step, model, tokenizer, eval_examples, state),
         }
         if args.beta > 0:
             metrics["kl"] = kl_sum / max(1, num_tokens * args.num_iterations)

@@ -39,8 +39,7 @@ from lora import lora_disabled
 # gradient of exactly those tokens (see `divergence` and the README): 44.4% -> 47.8% with it,
 # 59.8% without.
 TOY_SETTINGS = {"steps": 150, "batch_size": 32, "lr": 1e-3, "lora_r": 16, "lora_alpha": 32,
-                "max_grad_norm": 1.0, "temperature": 0.7, "top_p": 1.0, "top_k": 0, "clip": 0.0,
-                "max_new_tokens": 64, "eval_batch_size": 500}
+                "max_grad_norm": 1.0, "temperature": 0.7, "top_p": 1.0, "top_k": 0, "clip": 0.0}
 
 
 def teacher_prompt(question, solution):
@@ -56,9 +55,6 @@ def parse_args(argv=None):
     common.add_common_args(parser)
     add = parser.add_argument
     add("--num-generations", type=int, default=1, help="student completions per prompt")
-    add("--temperature", type=float, default=1.1, help="sampling; both logits are divided by it")
-    add("--top-p", type=float, default=0.95)
-    add("--top-k", type=int, default=20, help="0: no top-k")
     add("--teacher", choices=["fixed", "current"], default="fixed",
         help="fixed: the initial model (LoRA off); current: the weights being trained")
     add("--loss", choices=["full", "sampled"], default="full",
@@ -68,7 +64,8 @@ def parse_args(argv=None):
     add("--clip", type=float, default=0.05,
         help="cap on each vocabulary entry of the pointwise divergence (0: no cap)")
     add("--chunk-size", type=int, default=128, help="positions per chunk of the divergence")
-    parser.set_defaults(lr=5e-6, max_grad_norm=0.1)  # the OPSD paper's settings
+    # The OPSD paper's settings; both logits of the divergence are divided by the temperature.
+    parser.set_defaults(lr=5e-6, max_grad_norm=0.1, temperature=1.1, top_p=0.95, top_k=20)
     args = parser.parse_args(argv)
     common.apply_toy_settings(args, parser, argv, TOY_SETTINGS)
     args.out = args.out or "out/opsd"
@@ -246,6 +243,7 @@ def main(argv=None):
             "generated_tokens": state["generated_tokens"],
             "tokens_per_second": round((rollouts["num_generated_tokens"] + step_tokens)
                                        / (time.time() - step_start)),
+            **common.periodic_evaluation(args, step, model, tokenizer, eval_examples, state),
         }, args.steps, (time.time() - loop_start) / (step - first_step))
         common.save_every(args, step, model, tokenizer, optimizer, scheduler, state)
     common.finish_run(args, "opsd", model, tokenizer, optimizer, scheduler, step, state,

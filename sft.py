@@ -10,6 +10,14 @@ batch would (averaging per micro-batch would favour the tokens of short micro-ba
 
 This is the textbook recipe; the OPSD paper (arXiv 2601.18734) ran it as a baseline with TRL on
 "Problem: ... Solution: ..." text. Here the prompt is the same one grpo.py and opsd.py use.
+
+`--rejection-sampling K` trains on the model's own solutions instead of the references: rejection-
+sampling fine-tuning (RFT, Yuan et al. 2023, arXiv 2308.01825; STaR, Zelikman et al. 2022, arXiv
+2203.14465). Each step samples K completions per question from the current model, keeps the correct
+ones (each distinct completion once) and takes the SFT step above on them. RFT samples the whole
+data set once from a fixed model, and STaR and ReST-EM repeat that in rounds; here every step is a
+round, so the samples always come from the improved model. That is GRPO's sample-verify-reinforce
+loop with the SFT loss: wrong samples are dropped instead of pushed down, and there is no baseline.
 `--open-book-fraction` shows the reference solution in some prompts (the OPSD teacher's view); it
 exists to build the toy base model, which must learn to read a reference solution (toy/build.py).
 
@@ -25,7 +33,7 @@ from opsd import teacher_prompt  # the OPSD teacher's view of a problem
 
 # Only for the built-in 1M-parameter toy model, and only for flags not given on the command line.
 TOY_SETTINGS = {"steps": 150, "batch_size": 32, "lr": 5e-4, "lora_r": 16, "lora_alpha": 32,
-                "max_new_tokens": 64, "eval_batch_size": 500, "warmup_steps": 10}
+                "warmup_steps": 10, "temperature": 0.7}
 
 
 def parse_args(argv=None):
@@ -33,10 +41,14 @@ def parse_args(argv=None):
     common.add_common_args(parser)
     parser.add_argument("--open-book-fraction", type=float, default=0.0,
                         help="share of prompts that also show the reference solution")
+    parser.add_argument("--rejection-sampling", type=int, default=0, metavar="K",
+                        help="train on the correct ones of K samples per question from the "
+                             "current model instead of the references (0: plain SFT)")
     args = parser.parse_args(argv)
     common.apply_toy_settings(args, parser, argv, TOY_SETTINGS)
-    args.out = args.out or "out/sft"
+    args.out = args.out or ("out/rft" if args.rejection_sampling else "out/sft")
     args.micro_batch_size = args.micro_batch_size or args.batch_size
+    args.num_generations = args.rejection_sampling  # what common.sample_rollouts draws
     return args
 
 
@@ -59,6 +71,28 @@ def encode(tokenizer, example, open_book, max_new_tokens):
     return prompt_ids, solution_ids + [tokenizer.eos_token_id]
 
 
+def correct_samples(model, tokenizer, examples, args, state):
+    """Rejection sampling: K completions per question from the current model; keep the correct
+    ones that finished (ended in EOS), each distinct completion of a question once.
+
+    Returns (rows, num_correct): rows of (prompt ids, completion ids) as `encode` makes them,
+    with the sampled token ids themselves (no re-tokenisation of the text).
+    """
+    rollouts = common.sample_rollouts(model, tokenizer, examples, args, state)
+    rows, seen, num_correct = [], set(), 0
+    for i, text in enumerate(rollouts["texts"]):
+        question = i // args.rejection_sampling
+        completion = rollouts["completion_ids"][i][rollouts["completion_mask"][i].bool()].tolist()
+        if not common.is_correct(text, examples[question]["answer"]):
+            continue
+        num_correct += 1
+        if completion[-1] == tokenizer.eos_token_id and (question, text) not in seen:
+            seen.add((question, text))
+            rows.append((rollouts["prompt_ids"][i][rollouts["prompt_mask"][i].bool()].tolist(),
+                         completion))
+    return rows, num_correct
+
+
 def main(argv=None):
     args = parse_args(argv)
     model, tokenizer, train_examples, eval_examples, optimizer, scheduler, step, state = \
@@ -70,8 +104,14 @@ def main(argv=None):
     while step < args.steps:
         step_start = time.time()
         examples = common.next_batch(train_examples, args, state)
-        rows = [encode(tokenizer, example, random.random() < args.open_book_fraction,
-                       args.max_new_tokens) for example in examples]
+        if args.rejection_sampling:
+            rows, num_correct = correct_samples(model, tokenizer, examples, args, state)
+            sampling = {"correct_fraction": num_correct / (len(examples) * args.rejection_sampling),
+                        "kept": len(rows)}  # distinct correct samples trained on
+        else:
+            rows = [encode(tokenizer, example, random.random() < args.open_book_fraction,
+                           args.max_new_tokens) for example in examples]
+            sampling = {}
         rows.sort(key=lambda row: len(row[0]) + len(row[1]))  # similar lengths share micro-batches
         num_target_tokens = sum(len(completion) for _, completion in rows)
         loss_sum, step_tokens = 0.0, 0
@@ -90,11 +130,13 @@ def main(argv=None):
         state["train_tokens"] += step_tokens
         state["wall_seconds"] = wall_before + time.time() - loop_start
         common.log_step(metrics_file, {
-            "step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+            "step": step, **sampling, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm, "generated_tokens": state["generated_tokens"],
             "tokens_per_second": round(step_tokens / (time.time() - step_start)),
+            **common.periodic_evaluation(args, step, model, tokenizer, eval_examples, state),
         }, args.steps, (time.time() - loop_start) / (step - first_step))
         common.save_every(args, step, model, tokenizer, optimizer, scheduler, state)
-    common.finish_run(args, "sft", model, tokenizer, optimizer, scheduler, step, state,
+    common.finish_run(args, "rft" if args.rejection_sampling else "sft", model, tokenizer, optimizer, scheduler, step, state,
                       eval_examples)
 
 

@@ -105,3 +105,58 @@ def test_full_fine_tuning_saves_a_loadable_model(tmp_path):
     base, _ = common.load_model("toy")
     changed = [not torch.equal(a, b) for a, b in zip(model.parameters(), base.parameters())]
     assert any(changed)
+
+
+def fake_rollouts(tokenizer, prompts, texts, finished):
+    """What common.sample_rollouts returns, for given completion texts (EOS where finished)."""
+    prompt = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                       add_special_tokens=False)
+    completions = [tokenizer(text, add_special_tokens=False)["input_ids"]
+                   + ([tokenizer.eos_token_id] if done else []) for text, done in zip(texts, finished)]
+    width = max(map(len, completions))
+    completion_ids = torch.full((len(texts), width), tokenizer.pad_token_id)
+    completion_mask = torch.zeros(len(texts), width, dtype=torch.long)
+    for row, ids in enumerate(completions):
+        completion_ids[row, :len(ids)] = torch.tensor(ids)
+        completion_mask[row, :len(ids)] = 1
+    repeat = len(texts) // len(prompts)
+    return {"prompt_ids": prompt["input_ids"].repeat_interleave(repeat, 0),
+            "prompt_mask": prompt["attention_mask"].repeat_interleave(repeat, 0),
+            "completion_ids": completion_ids, "completion_mask": completion_mask, "texts": texts}
+
+
+def test_rejection_sampling_keeps_correct_finished_distinct_samples(toy, monkeypatch):
+    _, tokenizer = toy
+    examples = common.load_examples("toy", "train")[:2]
+    answers = [examples[0]["answer"], examples[1]["answer"]]
+    texts = [f"x\n#### {answers[0]}", f"x\n#### {answers[0]}", f"y\n#### {answers[0]}", "#### -1",
+             f"#### {answers[1]}", f"x\n#### {answers[0]}", f"z\n#### {answers[1]}", "no answer"]
+    finished = [True, True, True, True, True, True, False, True]
+    prompts = [common.chat_prompt(tokenizer, common.student_message(e)) for e in examples]
+    monkeypatch.setattr(common, "sample_rollouts",
+                        lambda *args: fake_rollouts(tokenizer, prompts, texts, finished))
+    args = sft.parse_args(["--rejection-sampling", "4"])
+    rows, num_correct = sft.correct_samples(None, tokenizer, examples, args, {})
+    # Question 0: samples 0-3; 0 and 1 are the same text (kept once), 3 is wrong.
+    # Question 1: samples 4-7; 5 has question 0's answer, 6 never finished, 7 has none.
+    assert num_correct == 5
+    kept = [tokenizer.decode(completion, skip_special_tokens=True) for _, completion in rows]
+    assert kept == [texts[0], texts[2], texts[4]]
+    assert all(completion[-1] == tokenizer.eos_token_id for _, completion in rows)
+    student_prompt = tokenizer(prompts[1], add_special_tokens=False)["input_ids"]
+    assert rows[2][0] == student_prompt  # the question's own prompt, without the padding
+
+
+def test_rejection_sampling_run_logs_samples_and_periodic_evaluation(tmp_path):
+    out = tmp_path / "rft"
+    sft.main(QUICK + ["--rejection-sampling", "4", "--steps", "3", "--batch-size", "6",
+                      "--eval-every", "2", "--eval-k", "2", "--out", str(out)])
+    rows = metrics(out)
+    assert [("eval_accuracy" in row) for row in rows] == [False, True, False]
+    assert all(0 <= row["kept"] <= row["correct_fraction"] * 6 * 4 for row in rows)
+    assert sum(row["kept"] for row in rows) > 0  # the toy base solves about 40% of problems
+    assert rows[-1]["generated_tokens"] > rows[0]["generated_tokens"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "rft" and summary["generated_tokens"] == rows[-1]["generated_tokens"]
+    assert summary["after"]["k"] == 2 and 0 <= summary["after"]["pass@2"] <= 1
+    assert 0 < summary["eval_seconds"] < summary["wall_seconds"]

@@ -1,0 +1,133 @@
+"""Evaluation metrics (pass@k, maj@k, ...), `python common.py eval` and `python common.py compare`."""
+import json
+import math
+import statistics
+from fractions import Fraction
+
+import pytest
+import torch
+
+import common
+
+
+@pytest.mark.parametrize("n", range(1, 11))
+def test_pass_at_k_equals_the_binomial_formula(n):
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            expected = 1 - math.comb(n - c, k) / math.comb(n, k)  # math.comb(a, b) = 0 for b > a
+            assert common.pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+        assert common.pass_at_k(n, c, 1) == pytest.approx(c / n)
+        assert common.pass_at_k(n, 0, min(n, 3)) == 0.0
+
+
+def test_pass_at_k_is_one_when_every_choice_of_k_holds_a_correct_sample():
+    assert common.pass_at_k(8, 5, 4) == 1.0  # n - c = 3 < k = 4
+    assert common.pass_at_k(8, 1, 8) == 1.0
+    assert common.pass_at_k(8, 4, 4) < 1.0
+    # Large n, where C(n, k) does not fit in a float: the product form against exact fractions.
+    exact = 1 - Fraction(math.comb(4990, 100), math.comb(5000, 100))
+    assert common.pass_at_k(5000, 10, 100) == pytest.approx(float(exact), rel=1e-9)
+
+
+def test_majority_vote_ties_go_to_the_first_answer_and_none_never_votes():
+    assert common.majority_vote(["3", "4", "4", "5"]) == "4"
+    assert common.majority_vote(["3", "4", "4", "3"]) == "3"  # tie 2-2: "3" came first
+    assert common.majority_vote(["4", "3", "3", "4"]) == "4"
+    assert common.majority_vote([None, None, None, "7"]) == "7"  # unreadable answers do not win
+    assert common.majority_vote([None, None]) is None
+
+
+def test_sample_metrics_on_a_hand_counted_case():
+    # Problem 1 (answer 2): 2 of 4 correct, vote "2". Problem 2 (answer 8): 1 of 4, vote "7".
+    # Problem 3 (answer 5): 3 of 4 correct.
+    answers = [["1", "2", "2", None], ["7", "7", "8", "9"], ["5", "5", None, "5"]]
+    metrics = common.sample_metrics(answers, ["2", "8", "5"])
+    assert metrics["mean@4"] == pytest.approx((2 + 1 + 3) / 12)
+    assert metrics["pass@1"] == pytest.approx(metrics["mean@4"])
+    # pass@2 per problem: 1 - C(4 - c, 2) / C(4, 2) = 1 - {1, 3, 0} / 6
+    assert metrics["pass@2"] == pytest.approx((5 / 6 + 3 / 6 + 1) / 3)
+    assert metrics["pass@4"] == 1.0
+    assert metrics["maj@4"] == pytest.approx(2 / 3)  # problems 1 and 3
+    assert metrics["more_than_half@4"] == pytest.approx(1 / 3)  # only problem 3: 2 of 4 is not more
+
+
+def test_evaluate_with_samples_keeps_greedy_accuracy_and_orders_the_metrics(toy):
+    model, tokenizer = toy
+    examples = common.load_examples("toy", "test")[:24]
+    greedy = common.evaluate(model, tokenizer, examples, 64, batch_size=16)
+    torch.manual_seed(0)
+    sampled = common.evaluate(model, tokenizer, examples, 64, batch_size=16, k=4, temperature=0.7)
+    assert sampled["accuracy"] == greedy["accuracy"] and sampled["n"] == 24 and sampled["k"] == 4
+    assert 0 < sampled["mean@4"] == sampled["pass@1"] <= sampled["pass@2"] <= sampled["pass@4"] < 1
+    # More than half of the samples correct means the correct answer wins the vote.
+    assert sampled["more_than_half@4"] <= sampled["maj@4"] <= sampled["pass@4"]
+
+
+def test_eval_command_writes_the_metrics_of_a_model_and_adapter(toy, tmp_path):
+    import lora
+    model, tokenizer = toy
+    adapted = common.load_model("toy")[0]
+    lora.apply_lora(adapted, r=4, alpha=8)
+    torch.manual_seed(1)
+    for layer in lora.lora_layers(adapted):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.05)  # an adapter that changes the outputs
+    lora.save_lora(adapted, tmp_path / "adapter")
+    common.main(["eval", "--adapter", str(tmp_path / "adapter"), "--eval-n", "16", "--k", "2"])
+    result = json.loads((tmp_path / "adapter" / "eval.json").read_text())
+    examples = common.load_examples("toy", "test")[:16]
+    expected = common.evaluate(adapted, tokenizer, examples, 64)["accuracy"]
+    assert result["accuracy"] == expected and result["n"] == 16 and result["k"] == 2
+    assert {"mean@2", "pass@2", "maj@2", "more_than_half@2"} <= set(result)
+    common.main(["eval", "--eval-n", "16", "--k", "0", "--out", str(tmp_path / "base.json")])
+    base = json.loads((tmp_path / "base.json").read_text())
+    assert base["accuracy"] == common.evaluate(model, tokenizer, examples, 64)["accuracy"]
+
+
+def fake_run(folder, method, before, after, generated_tokens, curve):
+    folder.mkdir()
+    summary = {"method": method, "before": before, "after": after, "steps": 10,
+               "train_tokens": 1000, "generated_tokens": generated_tokens, "wall_seconds": 70.0,
+               "eval_seconds": 20.0}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    rows = [{"step": step, "loss": 1.0, "generated_tokens": tokens, **({"eval_accuracy": accuracy}
+             if accuracy is not None else {})} for step, (tokens, accuracy) in enumerate(curve, 1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(folder)
+
+
+def test_compare_prints_mean_and_spread_over_seeds(tmp_path, capsys):
+    before = {"accuracy": 0.4, "n": 100, "k": 8, "mean@8": 0.3, "pass@8": 0.7, "maj@8": 0.4}
+    runs = [fake_run(tmp_path / "a0", "alpha", before,
+                     {"accuracy": 0.50, "n": 100, "k": 8, "mean@8": 0.45, "pass@8": 0.80,
+                      "maj@8": 0.50}, 3000, [(1000, None), (2000, 0.45)]),
+            fake_run(tmp_path / "a1", "alpha", before,
+                     {"accuracy": 0.60, "n": 100, "k": 8, "mean@8": 0.55, "pass@8": 0.90,
+                      "maj@8": 0.60}, 5000, [(2500, 0.5)]),
+            fake_run(tmp_path / "b0", "beta", before, {"accuracy": 0.7, "n": 100}, 0, [(0, 0.6)])]
+    plot = tmp_path / "compare.png"
+    common.main(["compare", *runs, "--plot", str(plot)])
+    lines = capsys.readouterr().out.splitlines()
+    table = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+             for line in lines if line.startswith("| ")}
+    header = table["method"]
+    alpha = dict(zip(header, table["alpha"]))
+    assert alpha["runs"] == "2" and table["beta"][0] == "1"
+    sd = statistics.stdev([50.0, 60.0])
+    assert alpha["greedy accuracy (%)"] == f"55.0 ± {sd:.1f}"
+    assert alpha["mean@8 (%)"] == f"50.0 ± {sd:.1f}" and alpha["maj@8 (%)"] == f"55.0 ± {sd:.1f}"
+    assert alpha["generated tokens"] == f"4,000 ± {statistics.stdev([3000, 5000]):,.0f}"
+    assert alpha["training time (s)"] == "50 ± 0"  # wall 70 s less 20 s of evaluation
+    beta = dict(zip(header, table["beta"]))
+    assert beta["greedy accuracy (%)"] == "70.0" and beta["pass@8 (%)"] == "–"
+    base = dict(zip(header, table["base (before)"]))
+    assert base["runs"] == "3" and base["greedy accuracy (%)"] == "40.0 ± 0.0"
+    try:
+        import matplotlib  # noqa: F401  optional: the plot is made only when it is installed
+        assert plot.stat().st_size > 1000
+    except ImportError:
+        assert not plot.exists()
+
+
+def test_compare_names_a_folder_without_a_summary(tmp_path):
+    with pytest.raises(common.InputError, match="no summary.json"):
+        common.main(["compare", str(tmp_path)])
