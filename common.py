@@ -704,11 +704,14 @@ def write_summary(out, summary):
 
 def evaluate_command(args):
     """Evaluate a model (+ adapter) on held-out problems; print the metrics and write them as JSON."""
-    torch.manual_seed(args.seed)  # the same samples on every run
     examples = load_examples(args.data, args.split)[:args.eval_n]
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise InputError(f"{args.adapter}: no adapter_config.json (a --full checkpoint is a "
+                         "model folder: pass it as --model)")
     model, tokenizer = load_model(args.model)
     if args.adapter:
         load_lora(model, args.adapter)
+    torch.manual_seed(args.seed)  # the same samples on every run
     result = evaluate(model, tokenizer, examples, args.max_new_tokens, args.batch_size, k=args.k,
                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     result.update(model=args.model, adapter=args.adapter, data=args.data, split=args.split)
@@ -740,7 +743,8 @@ def spread(values, scale=1.0, digits=1):
 
 
 def compare_command(args):
-    """A Markdown table of runs grouped by method (mean ± sd over seeds); optionally a plot."""
+    """Print a Markdown table of finished runs, grouped by method (mean ± sd over their seeds),
+    and plot held-out accuracy against generated tokens when matplotlib is installed."""
     runs = [read_run(folder) for folder in args.runs]
     methods = {"base (before)": [({**summary, "after": summary["before"], "generated_tokens": 0,
                                    "train_tokens": 0, "wall_seconds": 0, "eval_seconds": 0}, [])
@@ -749,39 +753,45 @@ def compare_command(args):
         methods.setdefault(summary["method"], []).append((summary, rows))
     k = max(summary["after"].get("k", 0) for summary, _ in runs)
     accuracies = ["accuracy"] + ([f"mean@{k}", f"pass@{k}", f"maj@{k}"] if k else [])
-    header = ["method", "runs", "greedy accuracy (%)"] + [f"{name} (%)" for name in accuracies[1:]]
-    lines = ["| " + " | ".join(header + ["generated tokens", "training tokens",
-                                         "training time (s)"]) + " |", "|" + " --- |" * (len(header) + 3)]
+    header = (["method", "runs", "greedy accuracy (%)"] + [f"{name} (%)" for name in accuracies[1:]]
+              + ["generated tokens", "training tokens", "wall time w/o eval (s)"])
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for method, group in methods.items():
-        cells = [spread([s["after"].get(name) for s, _ in group], 100) for name in accuracies]
-        cells += [spread([s[key] for s, _ in group], digits=0)
+        summaries = [summary for summary, _ in group]
+        cells = [spread([s["after"].get(name) for s in summaries], 100) for name in accuracies]
+        cells += [spread([s[key] for s in summaries], digits=0)
                   for key in ["generated_tokens", "train_tokens"]]
-        cells.append(spread([s["wall_seconds"] - s.get("eval_seconds", 0) for s, _ in group],
-                            digits=0))  # evaluation time left out: the runs evaluate alike
+        cells.append(spread([s["wall_seconds"] - s.get("eval_seconds", 0) for s in summaries],
+                            digits=0))  # evaluation time left out: every run evaluates alike
         lines.append(f"| {method} | {len(group)} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
     if importlib.util.find_spec("matplotlib") is None:
         print("(matplotlib is not installed: no plot)")
-        return
+    else:
+        plot_runs(list(methods.items())[1:], args.plot)
+
+
+def plot_runs(methods, path):
+    """One line per run from (0, accuracy before) through its --eval-every points to the end."""
     import matplotlib
-    matplotlib.use("Agg")  # no display needed
+    matplotlib.use("Agg")  # a file, no display
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for index, (method, group) in enumerate(list(methods.items())[1:]):
+    for index, (method, group) in enumerate(methods):
         for run, (summary, rows) in enumerate(group):
-            points = [(0, summary["before"]["accuracy"])] + [
-                (row["generated_tokens"], row["eval_accuracy"]) for row in rows if "eval_accuracy" in row
-            ] + [(summary["generated_tokens"], summary["after"]["accuracy"])]
-            axes.plot([x for x, _ in points], [100 * y for _, y in points], marker="o", markersize=3,
-                      color=f"C{index}", alpha=0.8, label=method if run == 0 else None)
-    axes.set_xlabel("generated tokens (sampling cost)")
-    axes.set_ylabel("held-out greedy accuracy (%)")
+            points = ([(0, summary["before"]["accuracy"])]
+                      + [(row["generated_tokens"], row["eval_accuracy"])
+                         for row in rows if "eval_accuracy" in row]
+                      + [(summary["generated_tokens"], summary["after"]["accuracy"])])
+            axes.plot([x for x, _ in points], [100 * y for _, y in points], marker="o",
+                      markersize=3, color=f"C{index}", alpha=0.8, label=method if run == 0 else None)
+    axes.set(xlabel="generated tokens (sampling cost)", ylabel="held-out greedy accuracy (%)")
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.plot, dpi=120)
-    print(f"wrote {args.plot}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main(argv=None):

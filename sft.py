@@ -11,6 +11,9 @@ batch would (averaging per micro-batch would favour the tokens of short micro-ba
 This is the textbook recipe; the OPSD paper (arXiv 2601.18734) ran it as a baseline with TRL on
 "Problem: ... Solution: ..." text. Here the prompt is the same one grpo.py and opsd.py use.
 
+`--open-book-fraction` shows the reference solution in some prompts (the OPSD teacher's view); it
+exists to build the toy base model, which must learn to read a reference solution (toy/build.py).
+
 `--rejection-sampling K` trains on the model's own solutions instead of the references: rejection-
 sampling fine-tuning (RFT, Yuan et al. 2023, arXiv 2308.01825; STaR, Zelikman et al. 2022, arXiv
 2203.14465). Each step samples K completions per question from the current model, keeps the correct
@@ -18,10 +21,9 @@ ones (each distinct completion once) and takes the SFT step above on them. RFT s
 data set once from a fixed model, and STaR and ReST-EM repeat that in rounds; here every step is a
 round, so the samples always come from the improved model. That is GRPO's sample-verify-reinforce
 loop with the SFT loss: wrong samples are dropped instead of pushed down, and there is no baseline.
-`--open-book-fraction` shows the reference solution in some prompts (the OPSD teacher's view); it
-exists to build the toy base model, which must learn to read a reference solution (toy/build.py).
 
     python sft.py                                                   # built-in toy model and task
+    python sft.py --rejection-sampling 8 --steps 60 --batch-size 16  # RFT on the toy
     python sft.py --model Qwen/Qwen3-1.7B --data train.jsonl --gradient-checkpointing
 """
 import argparse
@@ -136,8 +138,8 @@ def main(argv=None):
             **common.periodic_evaluation(args, step, model, tokenizer, eval_examples, state),
         }, args.steps, (time.time() - loop_start) / (step - first_step))
         common.save_every(args, step, model, tokenizer, optimizer, scheduler, state)
-    common.finish_run(args, "rft" if args.rejection_sampling else "sft", model, tokenizer, optimizer, scheduler, step, state,
-                      eval_examples)
+    common.finish_run(args, "rft" if args.rejection_sampling else "sft", model, tokenizer,
+                      optimizer, scheduler, step, state, eval_examples)
 
 
 if __name__ == "__main__":

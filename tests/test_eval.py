@@ -3,6 +3,7 @@ import json
 import math
 import statistics
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,9 +79,13 @@ def test_eval_command_writes_the_metrics_of_a_model_and_adapter(toy, tmp_path):
     expected = common.evaluate(adapted, tokenizer, examples, 64)["accuracy"]
     assert result["accuracy"] == expected and result["n"] == 16 and result["k"] == 2
     assert {"mean@2", "pass@2", "maj@2", "more_than_half@2"} <= set(result)
-    common.main(["eval", "--eval-n", "16", "--k", "0", "--out", str(tmp_path / "base.json")])
+    # The base model on a local JSONL file (real GSM8K records): all of its records by default.
+    fixture = str(Path(__file__).parent / "fixtures" / "gsm8k_sample.jsonl")
+    common.main(["eval", "--data", fixture, "--k", "0", "--out", str(tmp_path / "base.json")])
     base = json.loads((tmp_path / "base.json").read_text())
-    assert base["accuracy"] == common.evaluate(model, tokenizer, examples, 64)["accuracy"]
+    records = common.read_records(fixture)
+    assert base["n"] == len(records) and "mean@2" not in base
+    assert base["accuracy"] == common.evaluate(model, tokenizer, records, 64)["accuracy"]
 
 
 def fake_run(folder, method, before, after, generated_tokens, curve):
@@ -116,7 +121,7 @@ def test_compare_prints_mean_and_spread_over_seeds(tmp_path, capsys):
     assert alpha["greedy accuracy (%)"] == f"55.0 ± {sd:.1f}"
     assert alpha["mean@8 (%)"] == f"50.0 ± {sd:.1f}" and alpha["maj@8 (%)"] == f"55.0 ± {sd:.1f}"
     assert alpha["generated tokens"] == f"4,000 ± {statistics.stdev([3000, 5000]):,.0f}"
-    assert alpha["training time (s)"] == "50 ± 0"  # wall 70 s less 20 s of evaluation
+    assert alpha["wall time w/o eval (s)"] == "50 ± 0"  # wall 70 s less 20 s of evaluation
     beta = dict(zip(header, table["beta"]))
     assert beta["greedy accuracy (%)"] == "70.0" and beta["pass@8 (%)"] == "–"
     base = dict(zip(header, table["base (before)"]))
@@ -131,3 +136,8 @@ def test_compare_prints_mean_and_spread_over_seeds(tmp_path, capsys):
 def test_compare_names_a_folder_without_a_summary(tmp_path):
     with pytest.raises(common.InputError, match="no summary.json"):
         common.main(["compare", str(tmp_path)])
+
+
+def test_eval_command_names_a_folder_that_is_not_an_adapter(tmp_path):
+    with pytest.raises(common.InputError, match="no adapter_config.json"):
+        common.main(["eval", "--adapter", str(tmp_path)])

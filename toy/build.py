@@ -113,15 +113,6 @@ def make_random_model(tokenizer, folder):
     tokenizer.save_pretrained(folder)
 
 
-def pass_at_8(model, tokenizer, examples, temperature=0.7):
-    prompts = [common.chat_prompt(tokenizer, common.student_message(e)) for e in examples]
-    texts = common.generate(model, tokenizer, prompts, 64, temperature=temperature,
-                            num_samples=8)["texts"]
-    solved = [any(common.is_correct(t, e["answer"]) for t in texts[8 * i:8 * i + 8])
-              for i, e in enumerate(examples)]
-    return sum(solved) / len(examples)
-
-
 def open_book(example):
     return teacher_prompt(example["question"], example["solution"])
 
@@ -164,11 +155,12 @@ def install(steps):
     torch.manual_seed(SEED)
     model, tokenizer = common.load_model(str(model_dir))
     test = common.load_examples("toy", "test")
+    closed_book = common.evaluate(model, tokenizer, test, 64, 256, k=8, temperature=0.7)
     report = {
-        "closed_book_greedy": common.evaluate(model, tokenizer, test, 64, 500)["accuracy"],
+        "closed_book_greedy": closed_book["accuracy"],
         "open_book_greedy": common.evaluate(model, tokenizer, test, 64, 500,
                                             message=open_book)["accuracy"],
-        "closed_book_pass@8_t0.7": pass_at_8(model, tokenizer, test),
+        "closed_book_pass@8_t0.7": closed_book["pass@8"],
         "parameters": sum(p.numel() for p in model.parameters()),
         "pretrain_command": f"python sft.py --model <random init> --steps {steps} "
                             + " ".join(arg for arg in PRETRAIN_ARGS if arg != "--resume"),
