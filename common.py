@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from lora import apply_lora, load_lora, save_lora
@@ -37,6 +38,9 @@ def run_cli(main):
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,7 +53,8 @@ def add_common_args(parser):
     add("--eval-data", default=None, help="held-out file (default: a fixed slice of --data)")
     add("--out", default=None, help="output folder (default: out/<script>)")
     add("--steps", type=int, default=100, help="total optimizer steps")
-    add("--batch-size", "--prompts-per-step", type=int, default=32, help="prompts per step")
+    add("--batch-size", "--prompts-per-step", type=int, default=32,
+        help="prompts per step (per process under torchrun)")
     add("--micro-batch-size", type=int, default=None, help="rows per forward pass (accumulation)")
     add("--lr", type=float, default=5e-6)
     add("--warmup-steps", type=int, default=0)
@@ -98,6 +103,61 @@ def apply_toy_settings(args, parser, argv, toy_settings):
     for key, value in used.items():
         setattr(args, key, value)
     print("toy settings: " + ", ".join(f"{key}={value}" for key, value in used.items()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data parallel under torchrun: every rank holds the whole model, takes its own share of each
+# step's prompts (and samples its own rollouts), and the gradients are summed across ranks before
+# the optimizer step. Every loss is normalised by counts over all ranks (`global_sum`), so N ranks
+# with --batch-size B compute the gradient that one process with --batch-size N*B computes.
+
+def init_distributed():
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU); a no-op in a single process.
+    Returns (rank, world_size). Ranks other than 0 print nothing: rank 0 logs for all."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per rank
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if dist.get_rank() != 0:
+            sys.stdout = open(os.devnull, "w")
+    return rank(), world_size()
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def global_sum(value):
+    """The sum of a number over all ranks (the number itself in a single process)."""
+    if not dist.is_initialized():
+        return value
+    total = torch.tensor(float(value), dtype=torch.float64,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(total)
+    return type(value)(total.item())
+
+
+def global_mean(value):
+    """The mean over ranks of a per-rank mean (ranks hold batches of equal size)."""
+    return global_sum(value) / world_size()
+
+
+def gather_objects(value):
+    """[value of rank 0, value of rank 1, ...] on every rank ([value] in a single process)."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,9 +283,14 @@ def batch_indices(num_examples, batch_size, position, seed):
 
 
 def next_batch(examples, args, state):
-    """The next --batch-size examples in data order; advances state["data_position"]."""
-    indices = batch_indices(len(examples), args.batch_size, state["data_position"], args.seed)
-    state["data_position"] += args.batch_size
+    """This rank's --batch-size examples of the next step; advances state["data_position"].
+
+    Rank r of N takes the positions [p + r*B, p + (r+1)*B) of the step's N*B: together the ranks
+    see the examples that one process with --batch-size N*B sees, in the same order.
+    """
+    first = state["data_position"] + rank() * args.batch_size
+    indices = batch_indices(len(examples), args.batch_size, first, args.seed)
+    state["data_position"] += args.batch_size * world_size()
     return [examples[i] for i in indices]
 
 
@@ -351,12 +416,13 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
 
 def sample_rollouts(model, tokenizer, examples, args, state):
     """The student's rollouts of a training step: args.num_generations completions per example
-    from its student prompt, in one `generate` call with the script's sampling flags. Adds them to
-    state["generated_tokens"], the sampling cost the methods are compared on."""
+    from its student prompt, in one `generate` call with the script's sampling flags. Adds the
+    tokens generated on all ranks to state["generated_tokens"], the sampling cost the methods are
+    compared on."""
     prompts = [chat_prompt(tokenizer, student_message(e)) for e in examples]
     rollouts = generate(model, tokenizer, prompts, args.max_new_tokens, args.temperature,
                         args.top_p, args.top_k, num_samples=args.num_generations)
-    state["generated_tokens"] += rollouts["num_generated_tokens"]
+    state["generated_tokens"] += global_sum(rollouts["num_generated_tokens"])  # of all ranks
     return rollouts
 
 
@@ -450,24 +516,31 @@ def evaluate(model, tokenizer, examples, max_new_tokens, batch_size=64, message=
     Returns {"accuracy", "n"} (+ "k", "temperature", "mean@k", "pass@j", "maj@k", ...).
     message(example) -> the user message; default `student_message` (the problem alone).
     batch_size counts rows of a generate call: batch_size // k problems at a time when sampling.
-    Shows progress with an ETA on stderr.
+    Under torchrun each rank evaluates every N-th problem and the answers are gathered, so all
+    ranks return the same result. Shows progress with an ETA on stderr (rank 0's share).
     """
     references = [normalize_answer(e["answer"]) for e in examples]
-    prompts = [chat_prompt(tokenizer, (message or student_message)(e)) for e in examples]
+    shard = examples[rank()::world_size()]
+    prompts = [chat_prompt(tokenizer, (message or student_message)(e)) for e in shard]
     runs = [("greedy", 1, 0.0)] + ([(f"{k} samples", k, temperature)] if k else [])
-    answers = {}
+    answers = {}  # run name -> [problem][sample] final answers
     for name, num_samples, run_temperature in runs:
         step, start, answers[name] = max(1, batch_size // num_samples), time.time(), []
-        for first in range(0, len(examples), step):
+        for first in range(0, len(shard), step):
             texts = generate(model, tokenizer, prompts[first:first + step], max_new_tokens,
                              run_temperature, top_p, top_k, num_samples)["texts"]
             answers[name] += [[extract_answer(text) for text in texts[i:i + num_samples]]
                               for i in range(0, len(texts), num_samples)]
             done = len(answers[name])
-            eta = (time.time() - start) / done * (len(examples) - done)
-            print(f"\r  eval {name} {done}/{len(examples)}  eta {format_seconds(eta)}", end="",
-                  file=sys.stderr, flush=True)
-        print(file=sys.stderr)
+            eta = (time.time() - start) / done * (len(shard) - done)
+            if rank() == 0:
+                print(f"\r  eval {name} {done}/{len(shard)}  eta {format_seconds(eta)}", end="",
+                      file=sys.stderr, flush=True)
+        if rank() == 0:
+            print(file=sys.stderr)
+    shards = gather_objects(answers)  # problem i was answered by rank i % N, as its (i // N)-th
+    answers = {name: [shards[i % len(shards)][name][i // len(shards)] for i in range(len(examples))]
+               for name in answers}
     result = {"accuracy": sum(a[0] == r for a, r in zip(answers["greedy"], references))
               / max(1, len(examples)), "n": len(examples)}
     if k:
@@ -525,10 +598,22 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, state, ar
     """Write checkpoint-<step> atomically: into a temporary folder, then one rename.
 
     A crash while writing leaves only the temporary folder, which resume ignores; the previous
-    checkpoint is deleted only after the new one is in place.
+    checkpoint is deleted only after the new one is in place. Under torchrun rank 0 writes (the
+    weights are the same on every rank) with the random-number states of all ranks.
     """
+    rng_states = gather_objects(rng_state())  # every rank samples from its own stream
     out = Path(out)
-    final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
+    final = out / f"checkpoint-{step:06d}"
+    if rank() == 0:
+        write_checkpoint(out, final, step, model, tokenizer, optimizer, scheduler, state, args,
+                         rng_states)
+    barrier()  # no rank goes on before the checkpoint is in place
+    return final
+
+
+def write_checkpoint(out, final, step, model, tokenizer, optimizer, scheduler, state, args,
+                     rng_states):
+    tmp = out / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if args.full:
@@ -537,7 +622,7 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, state, ar
     else:
         save_lora(model, tmp, base_model=args.model)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state()}, tmp / "trainer_state.pt")
+                "rng": rng_states}, tmp / "trainer_state.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     (tmp / "args.json").write_text(json.dumps(vars(args), indent=2))
     for file in tmp.iterdir():  # make the bytes durable before the rename publishes them
@@ -548,7 +633,6 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, state, ar
     for old in out.glob("checkpoint-*"):
         if old != final:
             shutil.rmtree(old)
-    return final
 
 
 def save_every(args, step, model, tokenizer, optimizer, scheduler, state):
@@ -578,7 +662,10 @@ def load_checkpoint(folder, model, optimizer, scheduler, full):
     trainer_state = torch.load(Path(folder) / "trainer_state.pt", weights_only=True)
     optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
-    set_rng_state(trainer_state["rng"])
+    if len(trainer_state["rng"]) != world_size():
+        raise InputError(f"{folder}: saved by {len(trainer_state['rng'])} processes, resumed by "
+                         f"{world_size()}: resume with as many (the data order depends on it)")
+    set_rng_state(trainer_state["rng"][rank()])
     return json.loads((Path(folder) / "state.json").read_text())
 
 
@@ -594,8 +681,9 @@ def start_run(args, updates_per_step=1):
     `state` is what a checkpoint's state.json keeps (data position, token counters, "before").
     """
     started = time.time()
+    init_distributed()
     random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank
     train_examples = load_examples(args.data, "train")  # bad data fails before the slow load
     separate_eval_file = args.eval_data not in (None, "toy")  # all of it is held out
     eval_examples = load_examples(args.eval_data or args.data,
@@ -609,6 +697,10 @@ def start_run(args, updates_per_step=1):
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scheduler = make_scheduler(optimizer, args.warmup_steps, args.steps * updates_per_step,
                                args.schedule)
+    if world_size() > 1:
+        print(f"data parallel: {world_size()} processes, {args.batch_size} prompts each per step")
+        random.seed(args.seed + rank())
+        torch.manual_seed(args.seed + rank())  # each rank samples its rollouts from its own stream
 
     step, state = 0, {"data_position": 0, "train_tokens": 0, "generated_tokens": 0,
                       "wall_seconds": 0.0, "eval_seconds": 0.0}
@@ -646,8 +738,15 @@ def periodic_evaluation(args, step, model, tokenizer, eval_examples, state):
 def optimizer_step(model, optimizer, scheduler, max_grad_norm):
     """Clip the gradient norm, step AdamW and the schedule, clear gradients; return the norm
     before clipping (worth logging: a loss near 0 can still come with a large gradient)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        [p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if dist.is_initialized():
+        # Each rank's loss is its part of the whole batch's loss (normalised by counts over all
+        # ranks), so the sum of the ranks' gradients is the gradient of the whole batch.
+        for parameter in trainable:
+            if parameter.grad is None:  # this rank had no rows (e.g. --skip-zero-std dropped all)
+                parameter.grad = torch.zeros_like(parameter)
+            dist.all_reduce(parameter.grad)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -674,6 +773,8 @@ def finish_run(args, method, model, tokenizer, optimizer, scheduler, step, state
 
 def open_metrics(out, resumed_step):
     """metrics.jsonl in `out`; on resume, drop rows past the checkpoint (they will be redone)."""
+    if rank() != 0:
+        return open(os.devnull, "w")  # rank 0 logs for all
     path = Path(out) / "metrics.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -695,7 +796,8 @@ def log_step(metrics_file, metrics, total_steps, seconds_per_step):
 
 
 def write_summary(out, summary):
-    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if rank() == 0:
+        (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
 
 
@@ -703,7 +805,9 @@ def write_summary(out, summary):
 # Command line: `python common.py eval ...` and `python common.py compare OUT_DIR...`
 
 def evaluate_command(args):
-    """Evaluate a model (+ adapter) on held-out problems; print the metrics and write them as JSON."""
+    """Evaluate a model (+ adapter) on held-out problems; print the metrics and write them as JSON.
+    Under torchrun the problems are shared out among the processes."""
+    init_distributed()
     examples = load_examples(args.data, args.split)[:args.eval_n]
     if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
         raise InputError(f"{args.adapter}: no adapter_config.json (a --full checkpoint is a "
@@ -716,8 +820,9 @@ def evaluate_command(args):
                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     result.update(model=args.model, adapter=args.adapter, data=args.data, split=args.split)
     out = Path(args.out or Path(args.adapter or "out") / "eval.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    if rank() == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
     print(describe(result))
     print(f"wrote {out}")
 

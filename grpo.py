@@ -160,8 +160,10 @@ def main(argv=None):
                          for i in range(0, len(kept), args.micro_batch_size)]
         packed = [common.pack_rows([prompt_rows[i] for i in rows], [completion_rows[i] for i in rows],
                                    tokenizer.pad_token_id, device) for rows in micro_batches]
-        num_rows = len(kept)
-        num_tokens = sum(int(completion_mask.sum()) for _, _, completion_mask in packed)
+        # Rows and tokens of the step on all ranks (under torchrun): the normalisers of the loss.
+        num_rows = common.global_sum(len(kept))
+        num_tokens = common.global_sum(sum(int(completion_mask.sum()) for _, _, completion_mask
+                                           in packed))
 
         # 4. pi_old: recorded once when the rollouts are reused (mu > 1); else logp.detach() below.
         # All log-probs are those of the policy that sampled: softmax(logits / temperature), as in
@@ -207,18 +209,21 @@ def main(argv=None):
             grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
         step += 1
 
-        step_tokens = sum(int(attention_mask.sum()) for _, attention_mask, _ in packed)
+        step_tokens = common.global_sum(sum(int(attention_mask.sum()) for _, attention_mask, _
+                                            in packed))
+        loss_sum, clipped, kl_sum = (common.global_sum(value) for value in (loss_sum, clipped, kl_sum))
         state["train_tokens"] += step_tokens * args.num_iterations
         state["wall_seconds"] = wall_before + time.time() - loop_start
         metrics = {
-            "step": step, "reward": rewards.mean().item(),
-            "zero_std_fraction": zero_std.float().mean().item(),
-            "completion_length": rollouts["completion_mask"].sum(1).float().mean().item(),
+            "step": step, "reward": common.global_mean(rewards.mean().item()),
+            "zero_std_fraction": common.global_mean(zero_std.float().mean().item()),
+            "completion_length": common.global_mean(
+                rollouts["completion_mask"].sum(1).float().mean().item()),
             "clip_fraction": clipped / max(1, num_tokens * args.num_iterations),
             "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
             "generated_tokens": state["generated_tokens"],
-            "tokens_per_second": round((rollouts["num_generated_tokens"] + step_tokens)
-                                       / (time.time() - step_start)),
+            "tokens_per_second": round((common.global_sum(rollouts["num_generated_tokens"])
+                                        + step_tokens) / (time.time() - step_start)),
             **common.periodic_evaluation(args, step, model, tokenizer, eval_examples, state),
         }
         if args.beta > 0:

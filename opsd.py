@@ -202,7 +202,7 @@ def main(argv=None):
         teacher_mask = teacher_encoded["attention_mask"].repeat_interleave(args.num_generations, 0)
 
         num_rows = len(rollouts["texts"])
-        num_tokens = int(rollouts["completion_mask"].sum())
+        num_tokens = common.global_sum(int(rollouts["completion_mask"].sum()))  # of all ranks
         loss_sum, step_tokens = 0.0, 0
         for first in range(0, num_rows, args.micro_batch_size):
             rows = slice(first, first + args.micro_batch_size)
@@ -234,15 +234,17 @@ def main(argv=None):
         grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
         step += 1
 
+        loss_sum, step_tokens = common.global_sum(loss_sum), common.global_sum(step_tokens)
         state["train_tokens"] += step_tokens
         state["wall_seconds"] = wall_before + time.time() - loop_start
         common.log_step(metrics_file, {
             "step": step, "loss": loss_sum,
-            "completion_length": rollouts["completion_mask"].sum(1).float().mean().item(),
+            "completion_length": common.global_mean(
+                rollouts["completion_mask"].sum(1).float().mean().item()),
             "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
             "generated_tokens": state["generated_tokens"],
-            "tokens_per_second": round((rollouts["num_generated_tokens"] + step_tokens)
-                                       / (time.time() - step_start)),
+            "tokens_per_second": round((common.global_sum(rollouts["num_generated_tokens"])
+                                        + step_tokens) / (time.time() - step_start)),
             **common.periodic_evaluation(args, step, model, tokenizer, eval_examples, state),
         }, args.steps, (time.time() - loop_start) / (step - first_step))
         common.save_every(args, step, model, tokenizer, optimizer, scheduler, state)

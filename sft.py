@@ -108,14 +108,16 @@ def main(argv=None):
         examples = common.next_batch(train_examples, args, state)
         if args.rejection_sampling:
             rows, num_correct = correct_samples(model, tokenizer, examples, args, state)
-            sampling = {"correct_fraction": num_correct / (len(examples) * args.rejection_sampling),
-                        "kept": len(rows)}  # distinct correct samples trained on
+            sampling = {"correct_fraction": common.global_mean(
+                            num_correct / (len(examples) * args.rejection_sampling)),
+                        "kept": common.global_sum(len(rows))}  # distinct correct samples trained on
         else:
             rows = [encode(tokenizer, example, random.random() < args.open_book_fraction,
                            args.max_new_tokens) for example in examples]
             sampling = {}
         rows.sort(key=lambda row: len(row[0]) + len(row[1]))  # similar lengths share micro-batches
-        num_target_tokens = sum(len(completion) for _, completion in rows)
+        # The step's targets on all ranks (under torchrun): the loss is the mean over all of them.
+        num_target_tokens = common.global_sum(sum(len(completion) for _, completion in rows))
         loss_sum, step_tokens = 0.0, 0
         for first in range(0, len(rows), args.micro_batch_size):
             micro = rows[first:first + args.micro_batch_size]
@@ -129,6 +131,7 @@ def main(argv=None):
         grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
         step += 1
 
+        loss_sum, step_tokens = common.global_sum(loss_sum), common.global_sum(step_tokens)
         state["train_tokens"] += step_tokens
         state["wall_seconds"] = wall_before + time.time() - loop_start
         common.log_step(metrics_file, {
