@@ -113,14 +113,13 @@ def apply_toy_settings(args, parser, argv, toy_settings):
 
 def init_distributed():
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU); a no-op in a single process.
-    Returns (rank, world_size). Ranks other than 0 print nothing: rank 0 logs for all."""
+    Ranks other than 0 print nothing: rank 0 logs for all."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per rank
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if dist.get_rank() != 0:
             sys.stdout = open(os.devnull, "w")
-    return rank(), world_size()
 
 
 def rank():
@@ -153,11 +152,6 @@ def gather_objects(value):
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -607,7 +601,8 @@ def save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, state, ar
     if rank() == 0:
         write_checkpoint(out, final, step, model, tokenizer, optimizer, scheduler, state, args,
                          rng_states)
-    barrier()  # no rank goes on before the checkpoint is in place
+    if dist.is_initialized():
+        dist.barrier()  # no rank goes on before the checkpoint is in place
     return final
 
 
