@@ -714,10 +714,17 @@ def start_run(args, updates_per_step=1):
 
 
 def run_evaluation(args, model, tokenizer, eval_examples, state, k=0):
-    """`evaluate` with the script's flags; its time goes to state["eval_seconds"]."""
+    """`evaluate` with the script's flags; its time goes to state["eval_seconds"].
+
+    The samples of --eval-k come from a random stream of their own, seeded by --seed, and the
+    training stream is put back afterwards: turning evaluation on does not change the training run.
+    """
     started = time.time()
-    result = evaluate(model, tokenizer, eval_examples, args.max_new_tokens, args.eval_batch_size,
-                      k=k, temperature=args.eval_temperature)
+    device = device_of(model)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed)
+        result = evaluate(model, tokenizer, eval_examples, args.max_new_tokens,
+                          args.eval_batch_size, k=k, temperature=args.eval_temperature)
     state["eval_seconds"] += time.time() - started
     return result
 

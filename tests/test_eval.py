@@ -141,3 +141,20 @@ def test_compare_names_a_folder_without_a_summary(tmp_path):
 def test_eval_command_names_a_folder_that_is_not_an_adapter(tmp_path):
     with pytest.raises(common.InputError, match="no adapter_config.json"):
         common.main(["eval", "--adapter", str(tmp_path)])
+
+
+def test_sampled_evaluation_does_not_change_the_training_run(tmp_path):
+    import grpo
+    quick = ["--steps", "2", "--batch-size", "2", "--num-generations", "4", "--eval-n", "4",
+             "--max-new-tokens", "40"]
+    grpo.main(quick + ["--out", str(tmp_path / "plain")])
+    grpo.main(quick + ["--eval-k", "4", "--eval-every", "1", "--out", str(tmp_path / "evaluated")])
+
+    def rows(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert "eval_accuracy" in rows("evaluated")[0]  # it did sample and evaluate in between
+    for plain, evaluated in zip(rows("plain"), rows("evaluated"), strict=True):
+        for key in ["reward", "loss", "grad_norm", "generated_tokens"]:
+            assert plain[key] == evaluated[key], key
+    summary = json.loads((tmp_path / "evaluated" / "summary.json").read_text())
+    assert summary["before"]["k"] == 4 and "mean@4" in summary["after"]
