@@ -504,12 +504,14 @@ def sample_metrics(sampled_answers, references):
 
 
 def evaluate(model, tokenizer, examples, max_new_tokens, batch_size=64, message=None, k=0,
-             temperature=1.0, top_p=1.0, top_k=0):
+             temperature=1.0, top_p=1.0, top_k=0, seed=0):
     """Greedy accuracy on `examples`, and with k > 0 the `sample_metrics` of k samples per problem.
 
     Returns {"accuracy", "n"} (+ "k", "temperature", "mean@k", "pass@j", "maj@k", ...).
     message(example) -> the user message; default `student_message` (the problem alone).
     batch_size counts rows of a generate call: batch_size // k problems at a time when sampling.
+    The samples come from a random stream of their own, seeded by `seed`, and the caller's random
+    state is put back afterwards: evaluating in the middle of a run does not change its training.
     Under torchrun each rank evaluates every N-th problem and the answers are gathered, so all
     ranks return the same result. Shows progress with an ETA on stderr (rank 0's share).
     """
@@ -518,20 +520,23 @@ def evaluate(model, tokenizer, examples, max_new_tokens, batch_size=64, message=
     prompts = [chat_prompt(tokenizer, (message or student_message)(e)) for e in shard]
     runs = [("greedy", 1, 0.0)] + ([(f"{k} samples", k, temperature)] if k else [])
     answers = {}  # run name -> [problem][sample] final answers
-    for name, num_samples, run_temperature in runs:
-        step, start, answers[name] = max(1, batch_size // num_samples), time.time(), []
-        for first in range(0, len(shard), step):
-            texts = generate(model, tokenizer, prompts[first:first + step], max_new_tokens,
-                             run_temperature, top_p, top_k, num_samples)["texts"]
-            answers[name] += [[extract_answer(text) for text in texts[i:i + num_samples]]
-                              for i in range(0, len(texts), num_samples)]
-            done = len(answers[name])
-            eta = (time.time() - start) / done * (len(shard) - done)
+    device = device_of(model)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for name, num_samples, run_temperature in runs:
+            step, start, answers[name] = max(1, batch_size // num_samples), time.time(), []
+            for first in range(0, len(shard), step):
+                texts = generate(model, tokenizer, prompts[first:first + step], max_new_tokens,
+                                 run_temperature, top_p, top_k, num_samples)["texts"]
+                answers[name] += [[extract_answer(text) for text in texts[i:i + num_samples]]
+                                  for i in range(0, len(texts), num_samples)]
+                done = len(answers[name])
+                eta = (time.time() - start) / done * (len(shard) - done)
+                if rank() == 0:
+                    print(f"\r  eval {name} {done}/{len(shard)}  eta {format_seconds(eta)}",
+                          end="", file=sys.stderr, flush=True)
             if rank() == 0:
-                print(f"\r  eval {name} {done}/{len(shard)}  eta {format_seconds(eta)}", end="",
-                      file=sys.stderr, flush=True)
-        if rank() == 0:
-            print(file=sys.stderr)
+                print(file=sys.stderr)
     shards = gather_objects(answers)  # problem i was answered by rank i % N, as its (i // N)-th
     answers = {name: [shards[i % len(shards)][name][i // len(shards)] for i in range(len(examples))]
                for name in answers}
@@ -714,17 +719,10 @@ def start_run(args, updates_per_step=1):
 
 
 def run_evaluation(args, model, tokenizer, eval_examples, state, k=0):
-    """`evaluate` with the script's flags; its time goes to state["eval_seconds"].
-
-    The samples of --eval-k come from a random stream of their own, seeded by --seed, and the
-    training stream is put back afterwards: turning evaluation on does not change the training run.
-    """
+    """`evaluate` with the script's flags; its time goes to state["eval_seconds"]."""
     started = time.time()
-    device = device_of(model)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(args.seed)
-        result = evaluate(model, tokenizer, eval_examples, args.max_new_tokens,
-                          args.eval_batch_size, k=k, temperature=args.eval_temperature)
+    result = evaluate(model, tokenizer, eval_examples, args.max_new_tokens, args.eval_batch_size,
+                      k=k, temperature=args.eval_temperature, seed=args.seed)
     state["eval_seconds"] += time.time() - started
     return result
 
@@ -817,9 +815,9 @@ def evaluate_command(args):
     model, tokenizer = load_model(args.model)
     if args.adapter:
         load_lora(model, args.adapter)
-    torch.manual_seed(args.seed)  # the same samples on every run
     result = evaluate(model, tokenizer, examples, args.max_new_tokens, args.batch_size, k=args.k,
-                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                      seed=args.seed)
     result.update(model=args.model, adapter=args.adapter, data=args.data, split=args.split)
     out = Path(args.out or Path(args.adapter or "out") / "eval.json")
     if rank() == 0:
