@@ -87,22 +87,22 @@ def add_common_args(parser):
 TOY_EVAL_SETTINGS = {"max_new_tokens": 64, "eval_batch_size": 256, "eval_temperature": 0.7}
 
 
-def apply_toy_settings(args, parser, argv, toy_settings):
-    """With the built-in toy model, replace defaults by `toy_settings` for flags the user did not pass.
+def parse_args(parser, argv, toy_settings):
+    """Parse the command line; with the built-in toy model, `toy_settings` replace the defaults
+    (flags given on the command line still win).
 
     The defaults of the scripts follow the papers' settings for real LLMs; a 1M-parameter model needs
     others (a higher learning rate, a smaller LoRA rank, a lower sampling temperature).
     """
-    if args.model != "toy":
-        return
-    argv = sys.argv[1:] if argv is None else argv
-    given = {action.dest for action in parser._actions for option in action.option_strings
-             if any(arg == option or arg.startswith(option + "=") for arg in argv)}
-    used = {key: value for key, value in {**toy_settings, **TOY_EVAL_SETTINGS}.items()
-            if key not in given and hasattr(args, key)}
-    for key, value in used.items():
-        setattr(args, key, value)
-    print("toy settings: " + ", ".join(f"{key}={value}" for key, value in used.items()))
+    args = parser.parse_args(argv)
+    if args.model == "toy":
+        settings = {key: value for key, value in {**toy_settings, **TOY_EVAL_SETTINGS}.items()
+                    if hasattr(args, key)}
+        parser.set_defaults(**settings)
+        args = parser.parse_args(argv)
+        print("toy settings: " + ", ".join(f"{key}={value}" for key, value in settings.items()
+                                           if getattr(args, key) == value))
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -925,8 +925,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "eval":
         argv = sys.argv[2:] if argv is None else argv[1:]
+        args = parse_args(evaluation, argv, {"batch_size": 256})
         args.split = "test" if args.data == "toy" else args.split
-        apply_toy_settings(args, evaluation, argv, {"batch_size": 256})
         evaluate_command(args)
     else:
         compare_command(args)

@@ -57,8 +57,7 @@ def parse_args(argv=None):
     add("--format-reward", type=float, default=0.0,
         help="extra reward for a completion with a parsable final answer (off by default)")
     parser.set_defaults(lr=2e-5)  # the OPSD paper's GRPO baseline
-    args = parser.parse_args(argv)
-    common.apply_toy_settings(args, parser, argv, TOY_SETTINGS)
+    args = common.parse_args(parser, argv, TOY_SETTINGS)
     args.out = args.out or "out/grpo"
     args.micro_batch_size = args.micro_batch_size or args.batch_size * args.num_generations
     return args

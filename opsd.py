@@ -66,8 +66,7 @@ def parse_args(argv=None):
     add("--chunk-size", type=int, default=128, help="positions per chunk of the divergence")
     # The OPSD paper's settings; both logits of the divergence are divided by the temperature.
     parser.set_defaults(lr=5e-6, max_grad_norm=0.1, temperature=1.1, top_p=0.95, top_k=20)
-    args = parser.parse_args(argv)
-    common.apply_toy_settings(args, parser, argv, TOY_SETTINGS)
+    args = common.parse_args(parser, argv, TOY_SETTINGS)
     args.out = args.out or "out/opsd"
     args.micro_batch_size = args.micro_batch_size or args.batch_size * args.num_generations
     return args

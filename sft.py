@@ -46,8 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--rejection-sampling", type=int, default=0, metavar="K",
                         help="train on the correct ones of K samples per question from the "
                              "current model instead of the references (0: plain SFT)")
-    args = parser.parse_args(argv)
-    common.apply_toy_settings(args, parser, argv, TOY_SETTINGS)
+    args = common.parse_args(parser, argv, TOY_SETTINGS)
     args.out = args.out or ("out/rft" if args.rejection_sampling else "out/sft")
     args.micro_batch_size = args.micro_batch_size or args.batch_size
     args.num_generations = args.rejection_sampling  # what common.sample_rollouts draws
