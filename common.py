@@ -335,31 +335,61 @@ def last_boxed(text):
 
 
 def normalize_answer(answer):
-    """Canonical form of a final answer: '$1,000.00' -> '1000', ' 18. ' -> '18', else no spaces."""
-    answer = answer.strip().replace("\\$", "").replace("$", "").replace(",", "").rstrip(".").strip()
+    r"""Canonical form of a final answer, so that equal answers compare equal as strings.
+
+    Numbers: '$1,080.00' -> '1080', ' 18. ' -> '18', '0.50' -> '0.5'. Anything else (a fraction
+    '3/4', LaTeX) loses '$', spaces, and \left / \right, and \dfrac and \tfrac become \frac:
+    '$\left( 1, 2 \right)$' -> '(1,2)'. '3/4' and '\frac{3}{4}' stay different answers.
+    """
+    answer = answer.replace("\\$", "").replace("$", "").strip().rstrip(".").strip()
     try:
-        value = float(answer)
+        value = float(answer.replace(",", ""))  # commas in a number separate thousands
     except ValueError:
-        return answer.replace(" ", "")
+        answer = re.sub(r"\\(left|right)\b", "", answer)  # \b: \rightarrow stays
+        return answer.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace(" ", "")
     return str(int(value)) if value.is_integer() else repr(value)
 
 
+VALUE_START = re.compile(r"-?(\.?\d|[\\([])")  # 18, -3, .5, \frac, (1, 2), [0, 1): not a word
+# Units or a remark after a value, from its first word of two or more letters on (' dollars',
+# ' cups of flour.'); a lone letter may be a variable (2x + y) and stays.
+UNITS = re.compile(r"\s+[A-Za-z]{2,}.*")
+
+
+def hash_value(line):
+    """The answer written after one '####' (the rest of its line), or None if it is no value."""
+    value = line.replace("**", "").replace("\\$", "").replace("$", "").strip()  # **bold**, $18
+    if not VALUE_START.match(value):
+        return None  # words ('#### Step 2: check'): a Markdown heading; or nothing at all
+    return normalize_answer(UNITS.sub("", value))
+
+
 def extract_answer(text):
-    """Final answer of a solution or completion: the last \\boxed{...}, else what follows the last
-    '####' (its leading number if it starts with one). None when neither is present."""
+    r"""Final answer of a solution or completion, normalised (normalize_answer); None if it has none.
+
+    The final answer is the last answer marker in the text, whichever kind comes last:
+      - \boxed{...}, nested braces allowed: 'so \boxed{\dfrac{1}{2}}' -> '\frac{1}{2}';
+      - '####' followed, on its line, by a value: a number, a fraction or an expression, that is
+        text starting with a digit, '-', '.', '\', '(' or '['. Markdown bold, '$' and trailing
+        units (the line from its first word of two or more letters on) are stripped:
+        '#### **18**', '#### $18.00', '#### 18 dollars' -> '18'; '#### 3/4' -> '3/4'.
+    A '####' followed by words is a Markdown heading, not a marker: in '#### 18\n#### Step 2:
+    check' the answer is '18'. No marker, no answer: the text's last number does not count, as
+    writing the answer in the asked format is part of the task.
+    """
+    boxed_at = text.rfind("\\boxed{")
+    for marker in reversed(list(re.finditer(r"####(.*)", text))):  # '.' stops at line end
+        if marker.start() < boxed_at:
+            break  # a \boxed{} comes after this and every earlier '####'
+        value = hash_value(marker.group(1))
+        if value is not None:
+            return value
     boxed = last_boxed(text)
-    if boxed is not None:
-        return normalize_answer(boxed)
-    if "####" not in text:
-        return None
-    lines = text.rsplit("####", 1)[1].strip().splitlines()
-    if not lines:
-        return None
-    number = re.match(r"\$?\s*-?[\d,]*\.?\d+", lines[0])
-    return normalize_answer(number.group(0) if number else lines[0])
+    return normalize_answer(boxed) if boxed is not None else None
 
 
 def is_correct(completion, reference_answer):
+    """Whether the completion's final answer (extract_answer) is the reference answer, normalised."""
     predicted = extract_answer(completion)
     return predicted is not None and predicted == normalize_answer(reference_answer)
 

@@ -8,6 +8,7 @@ import opsd
 from common import InputError, extract_answer, is_correct, load_examples, normalize_answer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gsm8k_sample.jsonl"
+GSM8K_TEST = Path(__file__).parent / "fixtures" / "gsm8k_test.jsonl"  # all 1,319, MIT (GSM8K_LICENSE)
 
 
 def write(path, text):
@@ -51,15 +52,48 @@ def test_real_gsm8k_records_load_and_their_answers_are_extracted():
     ("\\boxed{1,000}", "1000"),
     ("no final answer here: 12", None),
     ("####", None),
+    ("#### **18**", "18"),
+    ("#### $18.00", "18"),
+    ("#### 18.", "18"),
+    ("#### 18 dollars per week.", "18"),
+    ("#### 3/4", "3/4"),
+    ("#### 3/4 cup", "3/4"),
+    ("#### \\frac{1}{2}", "\\frac{1}{2}"),
+    ("#### $\\left( 1, 2 \\right)$", "(1,2)"),
+    ("#### 2x + 3", "2x+3"),
+    ("#### 18\n#### Step 2: check", "18"),  # a Markdown heading after the answer
+    ("#### Step 1: add\n3 + 4 = 7", None),  # a heading is no marker, the last number no answer
+    ("#### **Answer:** 18", None),
+    ("####\n18", None),  # the value belongs on the marker's line
+    ("\\boxed{5} and then\n#### 7", "7"),  # the last marker wins, whichever kind
+    ("#### 7\nso the answer is \\boxed{5}", "5"),
+    ("#### 7\n\\boxed{5}\n#### Check", "5"),
+    ("#### 7\nso \\boxed{5", None),  # cut off inside the last marker: no answer
+    ("\\boxed{\\frac{1}{\\sqrt{2}}}", "\\frac{1}{\\sqrt{2}}"),  # nested braces
+    ("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{$\\left( 1, 2 \\right)$}", "(1,2)"),
 ])
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
+
+
+def test_all_gsm8k_test_answers_are_read_right():
+    records = [json.loads(line) for line in GSM8K_TEST.read_text().splitlines()]
+    assert len(records) == 1319
+    for record in records:  # every GSM8K final answer is an integer, some with thousands commas
+        final = record["answer"].split("####")[-1].strip().replace(",", "")
+        assert extract_answer(record["answer"]) == final, record["answer"]
 
 
 def test_is_correct_normalises_numbers():
     assert is_correct("#### 1,000", "1000") and is_correct("\\boxed{$5.0}", "5")
     assert not is_correct("#### 17", "18") and not is_correct("I think 18", "18")
     assert normalize_answer(" 18. ") == "18"
+    assert is_correct("so \\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}")
+    assert is_correct("#### $\\tfrac{1}{2}$", "$\\frac{1}{2}$") and is_correct("#### 3/4", "3/4")
+    assert not is_correct("#### 3/4", "\\frac{3}{4}")  # a fraction and its LaTeX stay apart
+    assert normalize_answer("\\left[ 0, 1 \\right)") == "[0,1)" and normalize_answer("(1, 2)") == "(1,2)"
+    assert normalize_answer("x \\rightarrow y") == "x\\rightarrowy"
 
 
 def test_other_field_names_and_short_answer_field(tmp_path):
