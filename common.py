@@ -69,6 +69,9 @@ def add_common_args(parser):
     add("--lora-alpha", type=int, default=128)
     add("--lora-dropout", type=float, default=0.0)
     add("--gradient-checkpointing", action="store_true")
+    add("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+        help="compute precision (auto: bfloat16 on CUDA, float32 on CPU); --full keeps float32 "
+             "weights and computes in it under autocast")
     add("--max-new-tokens", type=int, default=1024)
     add("--temperature", type=float, default=1.0, help="sampling of the model's own completions")
     add("--top-p", type=float, default=1.0)
@@ -102,6 +105,9 @@ def parse_args(parser, argv, toy_settings):
         args = parser.parse_args(argv)
         print("toy settings: " + ", ".join(f"{key}={value}" for key, value in settings.items()
                                            if getattr(args, key) == value))
+    if getattr(args, "eval_k", 0) > 0 and args.eval_temperature <= 0:
+        raise InputError("--eval-k samples: give it --eval-temperature > 0 (greedy accuracy is "
+                         "always measured)")
     return args
 
 
@@ -157,19 +163,35 @@ def gather_objects(value):
 # ----------------------------------------------------------------------------------------------
 # Model and tokenizer
 
-def load_model(name_or_path="toy", gradient_checkpointing=False, device=None):
-    """Load (model, tokenizer): bf16 on CUDA, fp32 on CPU; Flash Attention 2 when installed, else SDPA."""
+def compute_dtype(dtype="auto", device="cpu"):
+    """--dtype as a torch dtype: 'auto' is bfloat16 on CUDA and float32 on a CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+
+
+def load_model(name_or_path="toy", dtype="auto", full=False, gradient_checkpointing=False,
+               device=None):
+    """Load (model, tokenizer) to compute in `dtype`; Flash Attention 2 when installed, else SDPA.
+
+    full=True (full fine-tuning) keeps the weights in float32 and runs the forward pass under
+    autocast to `dtype`: AdamW then updates float32 "master" weights. Updating bfloat16 weights
+    directly loses most updates at LLM learning rates (5e-6 * a weight of 0.02 is below bfloat16's
+    resolution of 2^-8 relative). Otherwise the frozen base is stored in `dtype` and LoRA keeps its
+    own weights in float32 (lora.py).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import, only when needed
     from transformers.utils.logging import disable_progress_bar
     disable_progress_bar()  # per-file loading bars would drown the one-line-per-step log
     path = str(TOY_DIR / "model") if name_or_path == "toy" else name_or_path
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    has_flash = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = compute_dtype(dtype, device)
+    has_flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation="flash_attention_2" if has_flash else "sdpa")
+            path, dtype=torch.float32 if full else dtype,
+            attn_implementation="flash_attention_2" if has_flash else "sdpa")
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"cannot load model '{name_or_path}': not a model folder here and not a "
@@ -178,6 +200,9 @@ def load_model(name_or_path="toy", gradient_checkpointing=False, device=None):
         tokenizer.pad_token = tokenizer.eos_token  # safe: masks are built from lengths, not pad ids
     tokenizer.padding_side = "left"  # generation appends on the right, so prompts align on the right
     model.to(device)
+    if full and dtype != torch.float32:
+        # Mixed precision: matrix products in `dtype`, weights and their gradients in float32.
+        model.forward = torch.autocast(device.type, dtype=dtype)(model.forward)
     if gradient_checkpointing:
         # Non-reentrant checkpointing lets gradients reach LoRA weights even though the frozen
         # embedding output does not require grad (the reentrant variant fails there).
@@ -397,44 +422,101 @@ def is_correct(completion, reference_answer):
 # ----------------------------------------------------------------------------------------------
 # Generation, log-probabilities, evaluation
 
+def end_token_ids(model, tokenizer):
+    """The token ids that end a completion: the tokenizer's EOS and every id of the model's
+    generation config (real checkpoints list several: Qwen3 <|im_end|> and <|endoftext|>)."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    return sorted({tokenizer.eos_token_id, *configured} - {None})
+
+
+def sample_next_token(logits, temperature=0.0, top_p=1.0, top_k=0):
+    """One token per row from next-token logits [N, V], from exactly the distribution the flags name.
+
+    temperature 0: the argmax (greedy). Otherwise p = softmax(logits / temperature), restricted to the
+    top_k most likely tokens (0: no restriction), then to the most likely tokens whose total
+    probability reaches top_p (nucleus sampling, Holtzman et al. 2019, arXiv 1904.09751; 1: all),
+    and renormalised: the order transformers applies them in. Nothing else changes the
+    distribution: no repetition penalty or other default from a checkpoint's generation_config.json.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth_largest = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [N, 1]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1)  # ascending
+        tail = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p  # least likely, total <= 1 - top_p
+        tail[:, -1] = False  # the most likely token always stays
+        logits = logits.masked_fill(tail.scatter(1, order, tail), float("-inf"))  # back in vocab order
+    return torch.multinomial(logits.softmax(-1), num_samples=1).squeeze(1)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
              num_samples=1):
-    """Sample `num_samples` completions per prompt in one batched call (KV cache, left padding).
+    """Sample `num_samples` completions per prompt with the model's KV cache (`sample_next_token`).
 
+    Each prompt is prefilled once and its cache copied to its samples; a row stops at the first of
+    the model's end tokens (`end_token_ids`) and leaves the batch, so finished rows cost nothing.
     temperature 0 is greedy decoding. Returns a dict with prompt_ids [N, P] (left padded),
     prompt_mask [N, P], completion_ids [N, T] (right padded), completion_mask [N, T] (1 up to and
-    including the first EOS), texts (N decoded completions) and num_generated_tokens;
-    N = len(prompts) * num_samples, rows of one prompt are adjacent.
+    including the end token), finished [N] (ended with an end token, not cut by max_new_tokens),
+    texts (N decoded completions) and num_generated_tokens; N = len(prompts) * num_samples, rows of
+    one prompt adjacent.
     """
-    from transformers import GenerationConfig
+    from transformers import DynamicCache
     device = device_of(model)
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=False).to(device)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-        **(sampling if temperature > 0 else dict(do_sample=False)))
+    prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]  # [prompts, P]
+    end_ids = torch.tensor(end_token_ids(model, tokenizer), device=device)
     was_training = model.training
-    model.eval()
-    output = model.generate(**encoded, generation_config=config)
+    model.eval()  # no dropout while sampling
+    cache = DynamicCache(config=model.config)
+    positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)  # real tokens only: padding shifts nothing
+    logits = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    cache.batch_repeat_interleave(num_samples)  # the samples of a prompt share its prefix
+    logits = logits.repeat_interleave(num_samples, 0)  # [N, V]
+    attention_mask = prompt_mask.repeat_interleave(num_samples, 0)  # [N, P + tokens so far]
+    next_position = positions[:, -1:].repeat_interleave(num_samples, 0) + 1  # [N, 1]
+    num_rows = logits.shape[0]
+    completion_ids = torch.full((num_rows, max_new_tokens), tokenizer.pad_token_id, device=device)
+    lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
+    finished = torch.zeros(num_rows, dtype=torch.bool, device=device)
+    active = torch.arange(num_rows, device=device)  # the rows still generating
+    for t in range(max_new_tokens):
+        tokens = sample_next_token(logits, temperature, top_p, top_k)  # [active rows]
+        completion_ids[active, t] = tokens
+        lengths[active] += 1
+        ended = torch.isin(tokens, end_ids)
+        finished[active[ended]] = True
+        if ended.all() or t + 1 == max_new_tokens:
+            break
+        if ended.any():  # finished rows leave the batch, and their cache rows with them
+            going_on = (~ended).nonzero().flatten()
+            cache.batch_select_indices(going_on)
+            active, tokens = active[going_on], tokens[going_on]
+            attention_mask, next_position = attention_mask[going_on], next_position[going_on]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], 1)
+        logits = model(input_ids=tokens[:, None], attention_mask=attention_mask,
+                       position_ids=next_position, cache=cache, use_cache=True).logits[:, -1]
+        next_position = next_position + 1
     model.train(was_training)
-    prompt_length = encoded["input_ids"].shape[1]
-    completion_ids = output[:, prompt_length:]
-    # Mask from the position of the first EOS, not from token equality: pad may equal EOS.
-    is_eos = completion_ids == tokenizer.eos_token_id
-    T = completion_ids.shape[1]
-    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), T)
-    completion_mask = (torch.arange(T, device=device)[None, :] <= first_eos[:, None]).long()
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, tokenizer.pad_token_id)
+    completion_ids = completion_ids[:, :int(lengths.max())]
+    # The mask comes from lengths, not from token equality: pad may equal an end token.
+    completion_mask = (torch.arange(completion_ids.shape[1], device=device) < lengths[:, None]).long()
     return {
-        "prompt_ids": encoded["input_ids"].repeat_interleave(num_samples, 0),
-        "prompt_mask": encoded["attention_mask"].repeat_interleave(num_samples, 0),
+        "prompt_ids": prompt_ids.repeat_interleave(num_samples, 0),
+        "prompt_mask": prompt_mask.repeat_interleave(num_samples, 0),
         "completion_ids": completion_ids,
         "completion_mask": completion_mask,
-        "texts": tokenizer.batch_decode(completion_ids, skip_special_tokens=True),
-        "num_generated_tokens": int(completion_mask.sum()),
+        "finished": finished,
+        "texts": [tokenizer.decode(ids[:n], skip_special_tokens=True)
+                  for ids, n in zip(completion_ids.tolist(), lengths.tolist())],
+        "num_generated_tokens": int(lengths.sum()),
     }
 
 
@@ -612,15 +694,16 @@ def make_scheduler(optimizer, warmup_steps, total_steps, schedule="cosine"):
 # trainer_state.pt (optimizer, scheduler, RNG), state.json (step, data position, ...), args.json.
 
 def rng_state():
+    """The random states of this process: Python, the CPU and its own GPU (one GPU per rank)."""
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state):
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])  # the current device: this rank's GPU
 
 
 def save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, state, args):
@@ -689,7 +772,10 @@ def load_checkpoint(folder, model, optimizer, scheduler, full):
             raise InputError(f"{folder}: weights do not match the model ({missing or unexpected})")
     else:
         load_lora(model, folder)
-    trainer_state = torch.load(Path(folder) / "trainer_state.pt", weights_only=True)
+    # Onto the CPU first: load_state_dict moves the optimizer state to each parameter's device
+    # (without map_location every rank would first put its copy on the GPU it was saved from).
+    trainer_state = torch.load(Path(folder) / "trainer_state.pt", weights_only=True,
+                               map_location="cpu")
     optimizer.load_state_dict(trainer_state["optimizer"])
     scheduler.load_state_dict(trainer_state["scheduler"])
     if len(trainer_state["rng"]) != world_size():
@@ -718,7 +804,7 @@ def start_run(args, updates_per_step=1):
     separate_eval_file = args.eval_data not in (None, "toy")  # all of it is held out
     eval_examples = load_examples(args.eval_data or args.data,
                                   "all" if separate_eval_file else "test")[:args.eval_n]
-    model, tokenizer = load_model(args.model, args.gradient_checkpointing)
+    model, tokenizer = load_model(args.model, args.dtype, args.full, args.gradient_checkpointing)
     if not args.full:
         apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -795,7 +881,8 @@ def finish_run(args, method, model, tokenizer, optimizer, scheduler, step, state
         "method": method, "before": state["before"], "after": after, "steps": step,
         "train_tokens": state["train_tokens"], "generated_tokens": state["generated_tokens"],
         "wall_seconds": round(state["wall_seconds"], 1),
-        "eval_seconds": round(state["eval_seconds"], 1)})
+        "eval_seconds": round(state["eval_seconds"], 1),
+        **({"cut_solutions": state["cut_solutions"]} if "cut_solutions" in state else {})})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -842,7 +929,7 @@ def evaluate_command(args):
     if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
         raise InputError(f"{args.adapter}: no adapter_config.json (a --full checkpoint is a "
                          "model folder: pass it as --model)")
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, args.dtype)
     if args.adapter:
         load_lora(model, args.adapter)
     result = evaluate(model, tokenizer, examples, args.max_new_tokens, args.batch_size, k=args.k,
@@ -946,6 +1033,8 @@ def main(argv=None):
     add("--max-new-tokens", type=int, default=1024)
     add("--eval-n", type=int, default=500, help="problems to evaluate on (the first N)")
     add("--batch-size", type=int, default=64, help="rows per generate call")
+    add("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+        help="compute precision (auto: bfloat16 on CUDA, float32 on CPU)")
     add("--seed", type=int, default=0)
     add("--out", default=None, help="JSON file (default: ADAPTER/eval.json, else out/eval.json)")
     comparison = commands.add_parser("compare", help="a Markdown table (and a plot) of runs")
@@ -956,6 +1045,9 @@ def main(argv=None):
     if args.command == "eval":
         argv = sys.argv[2:] if argv is None else argv[1:]
         args = parse_args(evaluation, argv, {"batch_size": 256})
+        if args.k > 0 and args.temperature <= 0:
+            raise InputError("--k samples: give it --temperature > 0 (greedy accuracy is always "
+                             "measured)")
         args.split = "test" if args.data == "toy" else args.split
         evaluate_command(args)
     else:

@@ -58,6 +58,11 @@ def parse_args(argv=None):
         help="extra reward for a completion with a parsable final answer (off by default)")
     parser.set_defaults(lr=2e-5)  # the OPSD paper's GRPO baseline
     args = common.parse_args(parser, argv, TOY_SETTINGS)
+    if args.beta > 0 and args.full:
+        raise common.InputError("--beta > 0 needs a reference model: use LoRA (the base is the "
+                                "reference), not --full")
+    if args.temperature <= 0:
+        raise common.InputError("--temperature must be > 0: GRPO samples its rollouts")
     args.out = args.out or "out/grpo"
     args.micro_batch_size = args.micro_batch_size or args.batch_size * args.num_generations
     return args
@@ -126,9 +131,6 @@ def main(argv=None):
     args = parse_args(argv)
     model, tokenizer, train_examples, eval_examples, optimizer, scheduler, step, state = \
         common.start_run(args, updates_per_step=args.num_iterations)
-    if args.beta > 0 and args.full:
-        raise common.InputError("--beta > 0 needs a reference model: use LoRA (the base is the "
-                                "reference), not --full")
     metrics_file = common.open_metrics(args.out, step)
     device = common.device_of(model)
     group_size = args.num_generations
@@ -194,8 +196,8 @@ def main(argv=None):
                 # the step's loss is the mean over all of them.
                 weight = (int(completion_mask.sum()) / num_tokens if args.loss_type == "dapo"
                           else len(rows) / num_rows)
-                (loss * weight / args.num_iterations).backward()
-                loss_sum += loss.item() * weight / args.num_iterations
+                (loss * weight).backward()  # one update per iteration: its full gradient
+                loss_sum += loss.item() * weight / args.num_iterations  # logged: the mean over mu
                 with torch.no_grad():
                     mask = completion_mask.bool()
                     ratio = torch.exp(logp - old_logp)[mask]

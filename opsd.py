@@ -67,6 +67,9 @@ def parse_args(argv=None):
     # The OPSD paper's settings; both logits of the divergence are divided by the temperature.
     parser.set_defaults(lr=5e-6, max_grad_norm=0.1, temperature=1.1, top_p=0.95, top_k=20)
     args = common.parse_args(parser, argv, TOY_SETTINGS)
+    if args.temperature <= 0:
+        raise common.InputError("--temperature must be > 0: the student samples its completions "
+                                "and both distributions are softmax(logits / temperature)")
     args.out = args.out or "out/opsd"
     args.micro_batch_size = args.micro_batch_size or args.batch_size * args.num_generations
     return args
@@ -178,7 +181,7 @@ def main(argv=None):
     # The fixed teacher is the initial model: LoRA switched off, or with --full a frozen copy
     # loaded from --model again (not the resumed weights).
     if args.teacher == "fixed" and args.full:
-        teacher, _ = common.load_model(args.model)
+        teacher, _ = common.load_model(args.model, args.dtype)
         teacher.requires_grad_(False)
     else:
         teacher = model

@@ -6,13 +6,12 @@ The model learns to reproduce the reference solution y of each problem x, token 
 
 Only the solution and its EOS are targets; the prompt is context. N counts the targets of all
 micro-batches of a step together, so gradient accumulation weights every token the same as one big
-batch would (averaging per micro-batch would favour the tokens of short micro-batches).
+batch would (averaging per micro-batch would favour the tokens of short micro-batches). A solution
+longer than --max-new-tokens is cut there and gets no EOS: an EOS after the cut would teach the
+model to stop in the middle of a solution. The log says once how many were cut.
 
 This is the textbook recipe; the OPSD paper (arXiv 2601.18734) ran it as a baseline with TRL on
 "Problem: ... Solution: ..." text. Here the prompt is the same one grpo.py and opsd.py use.
-
-`--open-book-fraction` shows the reference solution in some prompts (the OPSD teacher's view); it
-exists to build the toy base model, which must learn to read a reference solution (toy/build.py).
 
 `--rejection-sampling K` trains on the model's own solutions instead of the references: rejection-
 sampling fine-tuning (RFT, Yuan et al. 2023, arXiv 2308.01825; STaR, Zelikman et al. 2022, arXiv
@@ -27,11 +26,9 @@ loop with the SFT loss: wrong samples are dropped instead of pushed down, and th
     python sft.py --model Qwen/Qwen3-1.7B --data train.jsonl --gradient-checkpointing
 """
 import argparse
-import random
 import time
 
 import common
-from opsd import teacher_prompt  # the OPSD teacher's view of a problem
 
 # Only for the built-in 1M-parameter toy model, and only for flags not given on the command line.
 TOY_SETTINGS = {"steps": 150, "batch_size": 32, "lr": 5e-4, "lora_r": 16, "lora_alpha": 32,
@@ -41,12 +38,13 @@ TOY_SETTINGS = {"steps": 150, "batch_size": 32, "lr": 5e-4, "lora_r": 16, "lora_
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(parser)
-    parser.add_argument("--open-book-fraction", type=float, default=0.0,
-                        help="share of prompts that also show the reference solution")
     parser.add_argument("--rejection-sampling", type=int, default=0, metavar="K",
                         help="train on the correct ones of K samples per question from the "
                              "current model instead of the references (0: plain SFT)")
     args = common.parse_args(parser, argv, TOY_SETTINGS)
+    if args.rejection_sampling and args.temperature <= 0:
+        raise common.InputError("--rejection-sampling needs --temperature > 0 (K greedy samples "
+                                "would all be the same)")
     args.out = args.out or ("out/rft" if args.rejection_sampling else "out/sft")
     args.micro_batch_size = args.micro_batch_size or args.batch_size
     args.num_generations = args.rejection_sampling  # what common.sample_rollouts draws
@@ -62,19 +60,19 @@ def sft_loss(logprobs, completion_mask, num_target_tokens):
     return -(logprobs * completion_mask).sum() / num_target_tokens
 
 
-def encode(tokenizer, example, open_book, max_new_tokens):
-    """(prompt ids, completion ids): the solution, cut to max_new_tokens, then EOS."""
-    message = (teacher_prompt(example["question"], example["solution"]) if open_book
-               else common.student_message(example))
-    prompt_ids = tokenizer(common.chat_prompt(tokenizer, message), add_special_tokens=False)["input_ids"]
-    solution_ids = tokenizer(example["solution"], add_special_tokens=False)["input_ids"]
-    solution_ids = solution_ids[:max_new_tokens - 1]
-    return prompt_ids, solution_ids + [tokenizer.eos_token_id]
+def encode(tokenizer, example, max_new_tokens):
+    """(prompt ids, completion ids): the solution then EOS, or, if that is longer than
+    max_new_tokens, the solution's first max_new_tokens tokens and no EOS (it does not end there)."""
+    prompt = common.chat_prompt(tokenizer, common.student_message(example))
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(example["solution"], add_special_tokens=False)["input_ids"]
+    completion_ids = completion_ids + [tokenizer.eos_token_id]
+    return prompt_ids, completion_ids[:max_new_tokens]
 
 
 def correct_samples(model, tokenizer, examples, args, state):
     """Rejection sampling: K completions per question from the current model; keep the correct
-    ones that finished (ended in EOS), each distinct completion of a question once.
+    ones that finished (ended in an end token), each distinct completion of a question once.
 
     Returns (rows, num_correct): rows of (prompt ids, completion ids) as `encode` makes them,
     with the sampled token ids themselves (no re-tokenisation of the text).
@@ -87,7 +85,7 @@ def correct_samples(model, tokenizer, examples, args, state):
         if not common.is_correct(text, examples[question]["answer"]):
             continue
         num_correct += 1
-        if completion[-1] == tokenizer.eos_token_id and (question, text) not in seen:
+        if rollouts["finished"][i] and (question, text) not in seen:
             seen.add((question, text))
             rows.append((rollouts["prompt_ids"][i][rollouts["prompt_mask"][i].bool()].tolist(),
                          completion))
@@ -111,9 +109,15 @@ def main(argv=None):
                             num_correct / (len(examples) * args.rejection_sampling)),
                         "kept": common.global_sum(len(rows))}  # distinct correct samples trained on
         else:
-            rows = [encode(tokenizer, example, random.random() < args.open_book_fraction,
-                           args.max_new_tokens) for example in examples]
+            rows = [encode(tokenizer, example, args.max_new_tokens) for example in examples]
             sampling = {}
+            num_cut = common.global_sum(sum(completion[-1] != tokenizer.eos_token_id
+                                            for _, completion in rows))  # of all ranks
+            if num_cut and not state.get("cut_solutions"):  # said once a run
+                print(f"note: {num_cut} of {len(rows)} solutions of step {step + 1} are longer "
+                      f"than --max-new-tokens {args.max_new_tokens}: cut there and trained "
+                      "without EOS (summary.json counts them all)")
+            state["cut_solutions"] = state.get("cut_solutions", 0) + num_cut
         rows.sort(key=lambda row: len(row[0]) + len(row[1]))  # similar lengths share micro-batches
         # The step's targets on all ranks (under torchrun): the loss is the mean over all of them.
         num_target_tokens = common.global_sum(sum(len(completion) for _, completion in rows))

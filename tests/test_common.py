@@ -81,3 +81,27 @@ def test_eval_split_is_held_out(tmp_path):
                               + (["--eval-data", eval_data] if eval_data else []))
         _, _, _, eval_examples, *_ = common.start_run(args)
         assert {e["question"] for e in eval_examples} == expected
+
+
+def test_full_fine_tuning_in_bfloat16_loses_no_update():
+    """--full --dtype bfloat16 computes in bfloat16 but AdamW updates float32 weights: at lr 5e-6
+    every weight moves. (Updating bfloat16 weights moves about 8% of them: the rest round away.)"""
+    model, tokenizer = common.load_model("toy", dtype="bfloat16", full=True)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = common.make_optimizer(model, lr=5e-6, weight_decay=0.0)
+    input_ids = tokenizer(["Tom has 3 pens. Tom buys 4 more.\n3+4=7"], return_tensors="pt")["input_ids"]
+    for _ in range(3):
+        logits = model(input_ids=input_ids).logits
+        assert logits.dtype == torch.bfloat16  # the matrix products ran in bfloat16
+        torch.nn.functional.cross_entropy(logits[0, :-1].float(), input_ids[0, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    moved = sum(int((p != b).sum()) for p, b in zip(model.parameters(), before))
+    assert moved / sum(b.numel() for b in before) > 0.99
+    # LoRA: the frozen base is stored in bfloat16, the adapters in float32 (lora.py).
+    model, _ = common.load_model("toy", dtype="bfloat16")
+    from lora import apply_lora
+    apply_lora(model, r=4, alpha=8)
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}

@@ -67,3 +67,83 @@ def test_evaluate_counts_correct_answers(toy):
     texts = common.generate(model, tokenizer, prompts, 64)["texts"]
     assert result["n"] == 20
     assert result["accuracy"] == sum(common.is_correct(t, e["answer"]) for t, e in zip(texts, examples)) / 20
+
+
+def toy_prompts(tokenizer, n):
+    return [common.chat_prompt(tokenizer, common.student_message(e))
+            for e in common.load_examples("toy", "test")[:n]]
+
+
+def test_greedy_equals_transformers_generate_token_for_token(toy):
+    """Our KV-cache loop (prefill once, finished rows leave the batch) is plain greedy decoding."""
+    model, tokenizer = toy
+    prompts = toy_prompts(tokenizer, 6)
+    ours = common.generate(model, tokenizer, prompts, max_new_tokens=48)
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    theirs = model.generate(**encoded, do_sample=False, max_new_tokens=48,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    theirs = theirs[:, encoded["input_ids"].shape[1]:]
+    for row in range(len(prompts)):
+        n = int(ours["completion_mask"][row].sum())
+        assert ours["completion_ids"][row, :n].tolist() == theirs[row, :n].tolist()
+        assert ours["finished"][row] == (theirs[row, n - 1] == tokenizer.eos_token_id)
+    # Two samples per prompt share its prefilled cache: greedy, both are the one completion.
+    twice = common.generate(model, tokenizer, prompts, max_new_tokens=48, num_samples=2)
+    assert twice["texts"] == [text for text in ours["texts"] for _ in range(2)]
+
+
+def test_sampling_has_no_hidden_top_k(toy_model):
+    """--top-k 0 means no top-k. transformers fills a top_k of None with 50 (or a checkpoint's own):
+    with these next-token probabilities over the toy's 97 tokens, the 47 least likely ones, 40% of
+    the mass, would never appear."""
+    model, tokenizer = toy_model
+    vocabulary, hidden = model.lm_head.weight.shape
+    model.lm_head = torch.nn.Linear(hidden, vocabulary, bias=True)  # logits = the bias, whatever
+    torch.nn.init.zeros_(model.lm_head.weight)                       # the hidden state
+    with torch.no_grad():
+        model.lm_head.bias.copy_(-torch.linspace(0, 1, vocabulary))  # distinct, slowly falling
+    torch.manual_seed(0)
+    out = common.generate(model, tokenizer, toy_prompts(tokenizer, 1), max_new_tokens=1,
+                          temperature=1.0, top_k=0, num_samples=4000)
+    first = out["completion_ids"][:, 0]
+    assert len(set(first.tolist())) == vocabulary  # every token drawn, none cut off
+    frequencies = torch.bincount(first, minlength=vocabulary).float() / len(first)
+    assert (frequencies - model.lm_head.bias.softmax(0)).abs().max() < 0.01
+
+
+def test_sample_next_token_draws_the_exact_truncated_distribution():
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]])
+    temperature, top_k, top_p = 0.8, 6, 0.9
+    # By hand: softmax at the temperature, keep the 6 most likely, then the smallest prefix of them
+    # (most likely first) whose mass reaches 0.9, renormalise.
+    probs = torch.softmax(logits[0] / temperature, -1)
+    probs[6:] = 0
+    probs = probs / probs.sum()
+    keep = (probs.cumsum(0) - probs) < top_p  # the mass before a token is still short of top_p
+    expected = torch.where(keep, probs, torch.zeros_like(probs))
+    expected = expected / expected.sum()
+    torch.manual_seed(0)
+    draws = torch.cat([common.sample_next_token(logits.expand(1000, -1), temperature, top_p, top_k)
+                       for _ in range(40)])
+    frequencies = torch.bincount(draws, minlength=8).float() / len(draws)
+    assert (frequencies - expected).abs().max() < 0.006
+    assert frequencies[~keep].sum() == 0
+    assert common.sample_next_token(logits, temperature=0.0).item() == 0  # greedy: the argmax
+
+
+def test_generation_stops_at_any_end_token_of_the_generation_config(toy_model):
+    """A checkpoint may list several end tokens (Qwen3: <|im_end|> and <|endoftext|>); a completion
+    ends at the first of any of them, and its mask ends there, the end token included."""
+    model, tokenizer = toy_model
+    prompts = toy_prompts(tokenizer, 4)
+    plain = common.generate(model, tokenizer, prompts, max_new_tokens=48)
+    equals = tokenizer.convert_tokens_to_ids("=")
+    assert all("=" in text for text in plain["texts"])
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, equals]
+    cut = common.generate(model, tokenizer, prompts, max_new_tokens=48)
+    for row in range(len(prompts)):
+        n = int(cut["completion_mask"][row].sum())
+        first_equals = plain["completion_ids"][row].tolist().index(equals)
+        assert n == first_equals + 1 and cut["finished"][row]
+        assert cut["completion_ids"][row, :n].tolist() == plain["completion_ids"][row, :n].tolist()
+        assert cut["texts"][row] == plain["texts"][row][:plain["texts"][row].index("=") + 1]

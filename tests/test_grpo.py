@@ -113,3 +113,30 @@ def test_short_toy_run_raises_the_held_out_reward(tmp_path, toy):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["generated_tokens"] == rows[-1]["generated_tokens"] > 0
     assert {"zero_std_fraction", "clip_fraction", "completion_length"} <= set(rows[0])
+
+
+def test_each_of_mu_updates_steps_with_the_whole_gradient(tmp_path, monkeypatch):
+    """--num-iterations 2: the first update, where pi_old is still pi, is the update of
+    --num-iterations 1, so its gradient norm (before clipping) is the same, not half of it."""
+    norms, real_step = [], common.optimizer_step
+
+    def record(*args):
+        norms.append(real_step(*args))
+        return norms[-1]
+    monkeypatch.setattr(common, "optimizer_step", record)
+    quick = ["--steps", "1", "--batch-size", "4", "--eval-n", "4", "--max-new-tokens", "32"]
+    grpo.main(quick + ["--num-iterations", "2", "--out", str(tmp_path / "mu2")])
+    grpo.main(quick + ["--out", str(tmp_path / "mu1")])
+    assert len(norms) == 3 and norms[0] > 0
+    assert norms[0] == pytest.approx(norms[2], rel=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--beta", "0.04", "--full"], "--beta > 0 needs a reference model"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--eval-k", "4", "--eval-temperature", "0"], "--eval-k samples"),
+])
+def test_bad_combinations_fail_in_one_line_before_the_model_loads(argv, message, monkeypatch):
+    monkeypatch.setattr(common, "load_model", lambda *args, **kwargs: pytest.fail("loaded"))
+    with pytest.raises(common.InputError, match=message):
+        grpo.main(argv + ["--out", "unused"])

@@ -198,7 +198,8 @@ def test_short_toy_run_lowers_the_divergence_on_held_out_rollouts(tmp_path, toy)
     before = heldout_divergence(base, base, tokenizer, examples, rollouts)
 
     out = tmp_path / "opsd"
-    opsd.main(["--steps", "12", "--batch-size", "16", "--eval-n", "8", "--out", str(out)])
+    opsd.main(["--steps", "20", "--schedule", "constant", "--batch-size", "16", "--eval-n", "8",
+               "--out", str(out)])
     trained, _ = common.load_model("toy")
     load_lora(trained, common.latest_checkpoint(out))
     after = heldout_divergence(trained, base, tokenizer, examples, rollouts)

@@ -34,14 +34,27 @@ def test_loss_ignores_prompt_positions_and_counts_completion_ones():
 def test_encode_appends_eos_and_hides_the_solution(toy):
     _, tokenizer = toy
     example = common.load_examples("toy", "test")[0]
-    prompt_ids, completion_ids = sft.encode(tokenizer, example, open_book=False, max_new_tokens=64)
+    prompt_ids, completion_ids = sft.encode(tokenizer, example, max_new_tokens=64)
     assert completion_ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(completion_ids[:-1]) == example["solution"]
     assert example["solution"] not in tokenizer.decode(prompt_ids)
-    open_prompt, open_completion = sft.encode(tokenizer, example, open_book=True, max_new_tokens=64)
-    assert example["solution"] in tokenizer.decode(open_prompt) and open_completion == completion_ids
-    _, cut = sft.encode(tokenizer, example, open_book=False, max_new_tokens=5)
-    assert len(cut) == 5
+
+
+def test_a_solution_cut_by_max_new_tokens_gets_no_eos(toy, tmp_path, capsys):
+    """An EOS after the cut would teach the model to stop in the middle of a solution."""
+    _, tokenizer = toy
+    example = common.load_examples("toy", "test")[0]
+    length = len(tokenizer(example["solution"], add_special_tokens=False)["input_ids"])
+    _, fits = sft.encode(tokenizer, example, max_new_tokens=length + 1)  # solution + EOS
+    assert fits[-1] == tokenizer.eos_token_id and len(fits) == length + 1
+    _, cut = sft.encode(tokenizer, example, max_new_tokens=length)
+    assert tokenizer.decode(cut) == example["solution"]  # all of it, but no EOS: it was cut
+    _, cut = sft.encode(tokenizer, example, max_new_tokens=5)
+    assert len(cut) == 5 and tokenizer.eos_token_id not in cut
+    # A run says so once, and counts every cut solution in summary.json.
+    sft.main(QUICK + ["--steps", "2", "--max-new-tokens", "12", "--out", str(tmp_path)])
+    assert capsys.readouterr().out.count("longer than --max-new-tokens 12") == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["cut_solutions"] == 16
 
 
 def test_accumulation_normalises_by_the_tokens_of_the_whole_step(tmp_path):
@@ -75,9 +88,9 @@ def test_short_run_lowers_loss_and_writes_outputs(tmp_path):
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, crash_after):
-    # dropout and open-book prompts both draw random numbers, so RNG state must be restored too
+    # dropout draws random numbers, so the RNG state must be restored too
     args = QUICK + ["--steps", "6", "--save-every", "2", "--lora-dropout", "0.1",
-                    "--open-book-fraction", "0.3", "--lr", "1e-3"]
+                    "--lr", "1e-3"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     sft.main(args + ["--out", str(straight)])
 
@@ -122,7 +135,8 @@ def fake_rollouts(tokenizer, prompts, texts, finished):
     repeat = len(texts) // len(prompts)
     return {"prompt_ids": prompt["input_ids"].repeat_interleave(repeat, 0),
             "prompt_mask": prompt["attention_mask"].repeat_interleave(repeat, 0),
-            "completion_ids": completion_ids, "completion_mask": completion_mask, "texts": texts}
+            "completion_ids": completion_ids, "completion_mask": completion_mask,
+            "finished": torch.tensor(finished), "texts": texts}
 
 
 def test_rejection_sampling_keeps_correct_finished_distinct_samples(toy, monkeypatch):

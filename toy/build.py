@@ -8,7 +8,8 @@
    and a small chat template, so the toy goes through the same chat-template code as a real model.
 3. Model: a tiny Qwen3 (same module names as Qwen3-1.7B), randomly initialised, then "pretrained"
    by full-parameter SFT with the project's own sft.py on a 55/45 mixture of closed-book prompts
-   (problem only) and open-book prompts (problem + reference solution, exactly OPSD's teacher prompt),
+   (problem only) and open-book prompts (problem + reference solution, exactly OPSD's teacher prompt;
+   the mixture is a data file, out/toy-build/pretrain.jsonl, written by `write_pretraining_mixture`),
    until it solves 25% of the test problems closed-book and 90% open-book. The base then behaves like
    a real LLM, which can follow a worked solution it is shown but does not always solve the problem
    alone.
@@ -40,7 +41,9 @@ BUILD_DIR = TOY.parent / "out" / "toy-build"
 # each chunk exactly), and stops at the first chunk whose model reaches the targets below: how fast a
 # model this small "gets" arithmetic varies a lot from run to run (15% to 65% closed-book after the
 # same 800 steps in trials), so a fixed step count would not reliably land in the target range.
-PRETRAIN_ARGS = ["--full", "--data", "toy", "--open-book-fraction", "0.45", "--batch-size", "48",
+OPEN_BOOK_FRACTION = 0.45
+PRETRAIN_DATA = BUILD_DIR / "pretrain.jsonl"
+PRETRAIN_ARGS = ["--full", "--data", str(PRETRAIN_DATA), "--eval-data", "toy", "--batch-size", "48",
                  "--micro-batch-size", "24", "--lr", "1e-3", "--schedule", "constant",
                  "--warmup-steps", "50", "--max-new-tokens", "64", "--eval-batch-size", "500",
                  "--resume"]
@@ -117,6 +120,21 @@ def open_book(example):
     return teacher_prompt(example["question"], example["solution"])
 
 
+def write_pretraining_mixture():
+    """The train split with OPEN_BOOK_FRACTION of its problems in the teacher's view: the question
+    part of the record carries the reference solution, so that sft.py's student prompt of the
+    record is exactly OPSD's `teacher_prompt` (checked for every record)."""
+    rng, records = random.Random(SEED), []
+    for example in common.load_examples("toy", "train"):
+        record = {"question": example["question"], "answer": example["solution"]}
+        if rng.random() < OPEN_BOOK_FRACTION:
+            record["question"] = open_book(example).removesuffix("\n" + common.INSTRUCTIONS["####"])
+            assert common.student_message(common.to_example(record, "")) == open_book(example)
+        records.append(record)
+    PRETRAIN_DATA.parent.mkdir(parents=True, exist_ok=True)
+    PRETRAIN_DATA.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
 def pretrain(init):
     """Full-parameter SFT from `init`, CHUNK steps at a time, until the targets are reached."""
     test = common.load_examples("toy", "test")
@@ -138,6 +156,7 @@ def main():
     write_task()
     shutil.rmtree(BUILD_DIR, ignore_errors=True)
     make_random_model(make_tokenizer(), BUILD_DIR / "init")
+    write_pretraining_mixture()
     install(pretrain(BUILD_DIR / "init"))
 
 
