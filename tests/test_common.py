@@ -90,7 +90,8 @@ def test_full_fine_tuning_in_bfloat16_loses_no_update():
     assert all(p.dtype == torch.float32 for p in model.parameters())
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = common.make_optimizer(model, lr=5e-6, weight_decay=0.0)
-    input_ids = tokenizer(["Tom has 3 pens. Tom buys 4 more.\n3+4=7"], return_tensors="pt")["input_ids"]
+    input_ids = tokenizer(["Tom has 3 pens. Tom buys 4 more.\n3+4=7"],
+                          return_tensors="pt")["input_ids"].to(common.device_of(model))
     for _ in range(3):
         logits = model(input_ids=input_ids).logits
         assert logits.dtype == torch.bfloat16  # the matrix products ran in bfloat16

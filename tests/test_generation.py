@@ -98,8 +98,9 @@ def test_sampling_has_no_hidden_top_k(toy_model):
     the mass, would never appear."""
     model, tokenizer = toy_model
     vocabulary, hidden = model.lm_head.weight.shape
-    model.lm_head = torch.nn.Linear(hidden, vocabulary, bias=True)  # logits = the bias, whatever
-    torch.nn.init.zeros_(model.lm_head.weight)                       # the hidden state
+    model.lm_head = torch.nn.Linear(hidden, vocabulary, bias=True,  # logits = the bias, whatever
+                                    device=common.device_of(model))
+    torch.nn.init.zeros_(model.lm_head.weight)  # the hidden state
     with torch.no_grad():
         model.lm_head.bias.copy_(-torch.linspace(0, 1, vocabulary))  # distinct, slowly falling
     torch.manual_seed(0)
@@ -108,7 +109,7 @@ def test_sampling_has_no_hidden_top_k(toy_model):
     first = out["completion_ids"][:, 0]
     assert len(set(first.tolist())) == vocabulary  # every token drawn, none cut off
     frequencies = torch.bincount(first, minlength=vocabulary).float() / len(first)
-    assert (frequencies - model.lm_head.bias.softmax(0)).abs().max() < 0.01
+    assert (frequencies - model.lm_head.bias.softmax(0).float()).abs().max() < 0.01
 
 
 def test_sample_next_token_draws_the_exact_truncated_distribution():
@@ -147,3 +148,15 @@ def test_generation_stops_at_any_end_token_of_the_generation_config(toy_model):
         assert n == first_equals + 1 and cut["finished"][row]
         assert cut["completion_ids"][row, :n].tolist() == plain["completion_ids"][row, :n].tolist()
         assert cut["texts"][row] == plain["texts"][row][:plain["texts"][row].index("=") + 1]
+
+
+def test_greedy_ignores_the_checkpoints_generation_settings(toy_model):
+    """A checkpoint's generation_config.json (repetition penalty, n-gram blocking, a minimum
+    length) must not change decoding: greedy is the plain argmax."""
+    model, tokenizer = toy_model
+    prompts = toy_prompts(tokenizer, 4)
+    plain = common.generate(model, tokenizer, prompts, max_new_tokens=48)
+    model.generation_config.repetition_penalty = 3.0
+    model.generation_config.no_repeat_ngram_size = 1
+    model.generation_config.min_new_tokens = 40
+    assert common.generate(model, tokenizer, prompts, max_new_tokens=48)["texts"] == plain["texts"]

@@ -1,5 +1,7 @@
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,3 +231,16 @@ def test_resume_after_a_crash_samples_and_trains_exactly_as_without_one(tmp_path
     adapter_a = load_file(common.latest_checkpoint(straight) / "adapter_model.safetensors")
     adapter_b = load_file(common.latest_checkpoint(broken) / "adapter_model.safetensors")
     assert all(torch.equal(adapter_a[k], adapter_b[k]) for k in adapter_a)
+
+
+def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tmp_path):
+    """tests/fixtures/cuda_checkpoint was written on an H200 by `python opsd.py --steps 1
+    --batch-size 4 --eval-n 4`: bfloat16 base, optimizer state on cuda:0, one GPU's random state.
+    The optimizer state loads onto the CPU first, and a random state of GPUs this machine lacks is
+    not restored, so it continues here (and on a machine with another number of GPUs)."""
+    out = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "cuda_checkpoint", out)
+    opsd.main(["--resume", "--steps", "2", "--batch-size", "4", "--eval-n", "4", "--out", str(out)])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2] and math.isfinite(rows[0]["loss"])
+    assert common.latest_checkpoint(out).name == "checkpoint-000002"

@@ -174,3 +174,28 @@ def test_rejection_sampling_run_logs_samples_and_periodic_evaluation(tmp_path):
     assert summary["method"] == "rft" and summary["generated_tokens"] == rows[-1]["generated_tokens"]
     assert summary["after"]["k"] == 2 and 0 <= summary["after"]["pass@2"] <= 1
     assert 0 < summary["eval_seconds"] < summary["wall_seconds"]
+
+
+def test_the_open_book_mixture_is_toy_only(tmp_path, monkeypatch):
+    """sft.py has no toy-only flag and does not import opsd.py; toy/build.py writes the mixture as
+    a data file whose open-book records give exactly OPSD's teacher prompt."""
+    import subprocess
+    import sys
+    imported = subprocess.run([sys.executable, "-c", "import sft, sys; print('opsd' in sys.modules)"],
+                              cwd=Path(__file__).parent.parent, capture_output=True, text=True)
+    assert imported.stdout.strip() == "False"
+    with pytest.raises(SystemExit):
+        sft.parse_args(["--open-book-fraction", "0.45"])
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "toy"))
+    import build
+    import opsd
+    monkeypatch.setattr(build, "PRETRAIN_DATA", tmp_path / "pretrain.jsonl")
+    build.write_pretraining_mixture()
+    mixture = common.load_examples(str(tmp_path / "pretrain.jsonl"), "all")
+    train = common.load_examples("toy", "train")
+    open_book = [(mixed, original) for mixed, original in zip(mixture, train)
+                 if mixed["question"] != original["question"]]
+    assert 0.43 < len(open_book) / len(train) < 0.47
+    for mixed, original in open_book[:200]:
+        assert common.student_message(mixed) == opsd.teacher_prompt(original["question"],
+                                                                    original["solution"])
