@@ -70,8 +70,8 @@ def add_common_args(parser):
     add("--lora-dropout", type=float, default=0.0)
     add("--gradient-checkpointing", action="store_true")
     add("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-        help="compute precision (auto: bfloat16 on CUDA, float32 on CPU); --full keeps float32 "
-             "weights and computes in it under autocast")
+        help="compute precision (auto: bfloat16 on CUDA, float32 on CPU); --full keeps its weights "
+             "in float32 and computes in --dtype under autocast")
     add("--max-new-tokens", type=int, default=1024)
     add("--temperature", type=float, default=1.0, help="sampling of the model's own completions")
     add("--top-p", type=float, default=1.0)
@@ -163,7 +163,7 @@ def gather_objects(value):
 # ----------------------------------------------------------------------------------------------
 # Model and tokenizer
 
-def compute_dtype(dtype="auto", device="cpu"):
+def compute_dtype(dtype, device):
     """--dtype as a torch dtype: 'auto' is bfloat16 on CUDA and float32 on a CPU."""
     if dtype == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -202,6 +202,8 @@ def load_model(name_or_path="toy", dtype="auto", full=False, gradient_checkpoint
     model.to(device)
     if full and dtype != torch.float32:
         # Mixed precision: matrix products in `dtype`, weights and their gradients in float32.
+        # (Set on this model object: a deepcopy of it runs in float32. Norm weights stay float32,
+        # so some activations, Qwen3's cached keys among them, are float32 too.)
         model.forward = torch.autocast(device.type, dtype=dtype)(model.forward)
     if gradient_checkpointing:
         # Non-reentrant checkpointing lets gradients reach LoRA weights even though the frozen
@@ -376,6 +378,7 @@ def normalize_answer(answer):
 
 
 VALUE_START = re.compile(r"-?(\.?\d|[\\([])")  # 18, -3, .5, \frac, (1, 2), [0, 1): not a word
+NUMBERED_HEADING = re.compile(r"\d+[.)]\s+[A-Za-z]")  # '#### 2. Verification', '#### 1) Set up'
 # Units or a remark after a value, from its first word of two or more letters on (' dollars',
 # ' cups of flour.'); a lone letter may be a variable (2x + y) and stays.
 UNITS = re.compile(r"\s+[A-Za-z]{2,}.*")
@@ -384,9 +387,10 @@ UNITS = re.compile(r"\s+[A-Za-z]{2,}.*")
 def hash_value(line):
     """The answer written after one '####' (the rest of its line), or None if it is no value."""
     value = line.replace("**", "").replace("\\$", "").replace("$", "").strip()  # **bold**, $18
-    if not VALUE_START.match(value):
-        return None  # words ('#### Step 2: check'): a Markdown heading; or nothing at all
-    return normalize_answer(UNITS.sub("", value))
+    if not VALUE_START.match(value) or NUMBERED_HEADING.match(value):
+        return None  # words ('#### Step 2: check', '#### 2. Check'): a Markdown heading; or nothing
+    return normalize_answer(UNITS.sub("", value).removesuffix("%"))  # '50%' answers '50'
+
 
 
 def extract_answer(text):
@@ -398,8 +402,8 @@ def extract_answer(text):
         text starting with a digit, '-', '.', '\', '(' or '['. Markdown bold, '$' and trailing
         units (the line from its first word of two or more letters on) are stripped:
         '#### **18**', '#### $18.00', '#### 18 dollars' -> '18'; '#### 3/4' -> '3/4'.
-    A '####' followed by words is a Markdown heading, not a marker: in '#### 18\n#### Step 2:
-    check' the answer is '18'. No marker, no answer: the text's last number does not count, as
+    A '####' followed by words, or by a numbered title ('#### 2. Check'), is a Markdown heading,
+    not a marker: in '#### 18\n#### Step 2: check' the answer is '18'. A trailing '%' is dropped. No marker, no answer: the text's last number does not count, as
     writing the answer in the asked format is part of the task.
     """
     boxed_at = text.rfind("\\boxed{")
@@ -702,7 +706,7 @@ def rng_state():
 def set_rng_state(state):
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
+    if isinstance(state["cuda"], torch.Tensor) and torch.cuda.is_available():  # (older: a list)
         torch.cuda.set_rng_state(state["cuda"])  # the current device: this rank's GPU
 
 

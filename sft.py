@@ -7,8 +7,8 @@ The model learns to reproduce the reference solution y of each problem x, token 
 Only the solution and its EOS are targets; the prompt is context. N counts the targets of all
 micro-batches of a step together, so gradient accumulation weights every token the same as one big
 batch would (averaging per micro-batch would favour the tokens of short micro-batches). A solution
-longer than --max-new-tokens is cut there and gets no EOS: an EOS after the cut would teach the
-model to stop in the middle of a solution. The log says once how many were cut.
+that does not fit in --max-new-tokens with its EOS is cut there and gets no EOS: an EOS after the
+cut would teach the model to stop in the middle of a solution. The log says once how many were cut.
 
 This is the textbook recipe; the OPSD paper (arXiv 2601.18734) ran it as a baseline with TRL on
 "Problem: ... Solution: ..." text. Here the prompt is the same one grpo.py and opsd.py use.
@@ -114,9 +114,9 @@ def main(argv=None):
             num_cut = common.global_sum(sum(completion[-1] != tokenizer.eos_token_id
                                             for _, completion in rows))  # of all ranks
             if num_cut and not state.get("cut_solutions"):  # said once a run
-                print(f"note: {num_cut} of {len(rows)} solutions of step {step + 1} are longer "
-                      f"than --max-new-tokens {args.max_new_tokens}: cut there and trained "
-                      "without EOS (summary.json counts them all)")
+                print(f"note: {num_cut} of {common.global_sum(len(rows))} solutions of step "
+                      f"{step + 1} do not fit in --max-new-tokens {args.max_new_tokens} with their "
+                      "EOS: cut there and trained without EOS (summary.json counts them all)")
             state["cut_solutions"] = state.get("cut_solutions", 0) + num_cut
         rows.sort(key=lambda row: len(row[0]) + len(row[1]))  # similar lengths share micro-batches
         # The step's targets on all ranks (under torchrun): the loss is the mean over all of them.

@@ -62,6 +62,9 @@ def test_real_gsm8k_records_load_and_their_answers_are_extracted():
     ("#### $\\left( 1, 2 \\right)$", "(1,2)"),
     ("#### 2x + 3", "2x+3"),
     ("#### 18\n#### Step 2: check", "18"),  # a Markdown heading after the answer
+    ("#### 18\n#### 2. Verification", "18"),  # a numbered heading is a heading too
+    ("#### 1) Set up the equation\nx = 4\n#### 4", "4"),
+    ("#### 50%", "50"),
     ("#### Step 1: add\n3 + 4 = 7", None),  # a heading is no marker, the last number no answer
     ("#### **Answer:** 18", None),
     ("####\n18", None),  # the value belongs on the marker's line

@@ -53,7 +53,7 @@ def test_a_solution_cut_by_max_new_tokens_gets_no_eos(toy, tmp_path, capsys):
     assert len(cut) == 5 and tokenizer.eos_token_id not in cut
     # A run says so once, and counts every cut solution in summary.json.
     sft.main(QUICK + ["--steps", "2", "--max-new-tokens", "12", "--out", str(tmp_path)])
-    assert capsys.readouterr().out.count("longer than --max-new-tokens 12") == 1
+    assert capsys.readouterr().out.count("do not fit in --max-new-tokens 12") == 1
     assert json.loads((tmp_path / "summary.json").read_text())["cut_solutions"] == 16
 
 

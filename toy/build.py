@@ -10,7 +10,7 @@
    by full-parameter SFT with the project's own sft.py on a 55/45 mixture of closed-book prompts
    (problem only) and open-book prompts (problem + reference solution, exactly OPSD's teacher prompt;
    the mixture is a data file, out/toy-build/pretrain.jsonl, written by `write_pretraining_mixture`),
-   until it solves 25% of the test problems closed-book and 90% open-book. The base then behaves like
+   until it solves 40% of the test problems closed-book and 90% open-book. The base then behaves like
    a real LLM, which can follow a worked solution it is shown but does not always solve the problem
    alone.
 4. Checks on the 500 test problems, printed and written to toy/model/build_report.json: closed-book
@@ -37,12 +37,12 @@ NUM_TRAIN, NUM_TEST, SEED = 20000, 500, 0
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 BUILD_DIR = TOY.parent / "out" / "toy-build"
+OPEN_BOOK_FRACTION = 0.45
+PRETRAIN_DATA = BUILD_DIR / "pretrain.jsonl"
 # Pretraining runs in chunks of CHUNK steps at a constant learning rate (sft.py --resume continues
 # each chunk exactly), and stops at the first chunk whose model reaches the targets below: how fast a
 # model this small "gets" arithmetic varies a lot from run to run (15% to 65% closed-book after the
 # same 800 steps in trials), so a fixed step count would not reliably land in the target range.
-OPEN_BOOK_FRACTION = 0.45
-PRETRAIN_DATA = BUILD_DIR / "pretrain.jsonl"
 PRETRAIN_ARGS = ["--full", "--data", str(PRETRAIN_DATA), "--eval-data", "toy", "--batch-size", "48",
                  "--micro-batch-size", "24", "--lr", "1e-3", "--schedule", "constant",
                  "--warmup-steps", "50", "--max-new-tokens", "64", "--eval-batch-size", "500",
@@ -123,7 +123,11 @@ def open_book(example):
 def write_pretraining_mixture():
     """The train split with OPEN_BOOK_FRACTION of its problems in the teacher's view: the question
     part of the record carries the reference solution, so that sft.py's student prompt of the
-    record is exactly OPSD's `teacher_prompt` (checked for every record)."""
+    record is exactly OPSD's `teacher_prompt` (checked for every record).
+
+    The toy base in toy/model was built when this was an sft.py flag that drew the view of every
+    prompt anew at each step, over all 20,000 problems. Here each problem has one view for the
+    whole build, and sft.py keeps 500 records of the file back as its held-out split."""
     rng, records = random.Random(SEED), []
     for example in common.load_examples("toy", "train"):
         record = {"question": example["question"], "answer": example["solution"]}
