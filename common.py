@@ -11,7 +11,6 @@ import os
 import random
 import re
 import shutil
-import statistics
 import sys
 import time
 from collections import Counter
@@ -923,7 +922,7 @@ def write_summary(out, summary):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: `python common.py eval ...` and `python common.py compare OUT_DIR...`
+# Command line: `python common.py eval ...`
 
 def evaluate_command(args):
     """Evaluate a model (+ adapter) on held-out problems; print the metrics and write them as JSON.
@@ -948,80 +947,8 @@ def evaluate_command(args):
     print(f"wrote {out}")
 
 
-def read_run(folder):
-    """summary.json and metrics.jsonl of a finished run folder."""
-    folder = Path(folder)
-    if not (folder / "summary.json").is_file():
-        raise InputError(f"{folder}: no summary.json (not a finished run)")
-    metrics = folder / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
-        if metrics.is_file() else []
-    return json.loads((folder / "summary.json").read_text()), rows
-
-
-def spread(values, scale=1.0, digits=1):
-    """'mean ± sample standard deviation' of the values that exist (None: missing) over seeds."""
-    values = [value * scale for value in values if value is not None]
-    if not values:
-        return "–"
-    text = f"{statistics.mean(values):,.{digits}f}"
-    return text + (f" ± {statistics.stdev(values):,.{digits}f}" if len(values) > 1 else "")
-
-
-def compare_command(args):
-    """Print a Markdown table of finished runs, grouped by method (mean ± sd over their seeds),
-    and plot held-out accuracy against generated tokens when matplotlib is installed."""
-    runs = [read_run(folder) for folder in args.runs]
-    methods = {"base (before)": [({**summary, "after": summary["before"], "generated_tokens": 0,
-                                   "train_tokens": 0, "wall_seconds": 0, "eval_seconds": 0}, [])
-                                 for summary, _ in runs]}  # every run starts from the same base
-    for summary, rows in runs:
-        methods.setdefault(summary["method"], []).append((summary, rows))
-    k = max(summary["after"].get("k", 0) for summary, _ in runs)
-    accuracies = ["accuracy"] + ([f"mean@{k}", f"pass@{k}", f"maj@{k}"] if k else [])
-    header = (["method", "runs", "greedy accuracy (%)"] + [f"{name} (%)" for name in accuracies[1:]]
-              + ["generated tokens", "training tokens", "wall time w/o eval (s)"])
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for method, group in methods.items():
-        summaries = [summary for summary, _ in group]
-        cells = [spread([s["after"].get(name) for s in summaries], 100) for name in accuracies]
-        cells += [spread([s[key] for s in summaries], digits=0)
-                  for key in ["generated_tokens", "train_tokens"]]
-        cells.append(spread([s["wall_seconds"] - s.get("eval_seconds", 0) for s in summaries],
-                            digits=0))  # evaluation time left out: every run evaluates alike
-        lines.append(f"| {method} | {len(group)} | " + " | ".join(cells) + " |")
-    print("\n".join(lines))
-    if importlib.util.find_spec("matplotlib") is None:
-        print("(matplotlib is not installed: no plot)")
-    else:
-        plot_runs(list(methods.items())[1:], args.plot)
-
-
-def plot_runs(methods, path):
-    """One line per run from (0, accuracy before) through its --eval-every points to the end."""
-    import matplotlib
-    matplotlib.use("Agg")  # a file, no display
-    import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for index, (method, group) in enumerate(methods):
-        for run, (summary, rows) in enumerate(group):
-            points = ([(0, summary["before"]["accuracy"])]
-                      + [(row["generated_tokens"], row["eval_accuracy"])
-                         for row in rows if "eval_accuracy" in row]
-                      + [(summary["generated_tokens"], summary["after"]["accuracy"])])
-            axes.plot([x for x, _ in points], [100 * y for _, y in points], marker="o",
-                      markersize=3, color=f"C{index}", alpha=0.8, label=method if run == 0 else None)
-    axes.set(xlabel="generated tokens (sampling cost)", ylabel="held-out greedy accuracy (%)")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    print(f"wrote {path}")
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="evaluate a model, or compare finished runs")
+    parser = argparse.ArgumentParser(description="evaluate a model")
     commands = parser.add_subparsers(dest="command", required=True)
     evaluation = commands.add_parser("eval", help="greedy accuracy, mean@k, pass@k, maj@k")
     add = evaluation.add_argument
@@ -1041,21 +968,14 @@ def main(argv=None):
         help="compute precision (auto: bfloat16 on CUDA, float32 on CPU)")
     add("--seed", type=int, default=0)
     add("--out", default=None, help="JSON file (default: ADAPTER/eval.json, else out/eval.json)")
-    comparison = commands.add_parser("compare", help="a Markdown table (and a plot) of runs")
-    comparison.add_argument("runs", nargs="+", help="output folders of finished runs")
-    comparison.add_argument("--plot", default="out/compare.png",
-                            help="PNG of accuracy against generated tokens (needs matplotlib)")
-    args = parser.parse_args(argv)
-    if args.command == "eval":
-        argv = sys.argv[2:] if argv is None else argv[1:]
-        args = parse_args(evaluation, argv, {"batch_size": 256})
-        if args.k > 0 and args.temperature <= 0:
-            raise InputError("--k samples: give it --temperature > 0 (greedy accuracy is always "
-                             "measured)")
-        args.split = "test" if args.data == "toy" else args.split
-        evaluate_command(args)
-    else:
-        compare_command(args)
+    parser.parse_args(argv)
+    argv = sys.argv[2:] if argv is None else argv[1:]
+    args = parse_args(evaluation, argv, {"batch_size": 256})
+    if args.k > 0 and args.temperature <= 0:
+        raise InputError("--k samples: give it --temperature > 0 (greedy accuracy is always "
+                         "measured)")
+    args.split = "test" if args.data == "toy" else args.split
+    evaluate_command(args)
 
 
 if __name__ == "__main__":

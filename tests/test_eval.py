@@ -1,7 +1,8 @@
-"""Evaluation metrics (pass@k, maj@k, ...), `python common.py eval` and `python common.py compare`."""
+"""Evaluation metrics (pass@k, maj@k, ...), `python common.py eval` and `toy/compare.py`."""
 import json
 import math
 import statistics
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -9,6 +10,9 @@ import pytest
 import torch
 
 import common
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "toy"))
+import compare  # noqa: E402  toy/compare.py
 
 
 @pytest.mark.parametrize("n", range(1, 11))
@@ -110,7 +114,7 @@ def test_compare_prints_mean_and_spread_over_seeds(tmp_path, capsys):
                       "maj@8": 0.60}, 5000, [(2500, 0.5)]),
             fake_run(tmp_path / "b0", "beta", before, {"accuracy": 0.7, "n": 100}, 0, [(0, 0.6)])]
     plot = tmp_path / "compare.png"
-    common.main(["compare", *runs, "--plot", str(plot)])
+    compare.main([*runs, "--plot", str(plot)])
     lines = capsys.readouterr().out.splitlines()
     table = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
              for line in lines if line.startswith("| ")}
@@ -135,7 +139,7 @@ def test_compare_prints_mean_and_spread_over_seeds(tmp_path, capsys):
 
 def test_compare_names_a_folder_without_a_summary(tmp_path):
     with pytest.raises(common.InputError, match="no summary.json"):
-        common.main(["compare", str(tmp_path)])
+        compare.main([str(tmp_path)])
 
 
 def test_eval_command_names_a_folder_that_is_not_an_adapter(tmp_path):
