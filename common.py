@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lora import apply_lora, load_lora, save_lora
 
@@ -54,7 +55,9 @@ def add_common_args(parser):
     add("--steps", type=int, default=100, help="total optimizer steps")
     add("--batch-size", "--prompts-per-step", type=int, default=32,
         help="prompts per step (per process under torchrun)")
-    add("--micro-batch-size", type=int, default=None, help="rows per forward pass (accumulation)")
+    add("--micro-batch-size", type=int, default=16,
+        help="rows per forward and backward pass; a step accumulates the gradients of its "
+             "micro-batches (0: all rows of the step at once)")
     add("--lr", type=float, default=5e-6)
     add("--warmup-steps", type=int, default=0)
     add("--schedule", choices=["cosine", "constant"], default="cosine")
@@ -67,11 +70,15 @@ def add_common_args(parser):
     add("--lora-r", type=int, default=64)
     add("--lora-alpha", type=int, default=128)
     add("--lora-dropout", type=float, default=0.0)
-    add("--gradient-checkpointing", action="store_true")
+    add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+        help="recompute each layer's activations in the backward pass instead of keeping them")
     add("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
         help="compute precision (auto: bfloat16 on CUDA, float32 on CPU); --full keeps its weights "
              "in float32 and computes in --dtype under autocast")
     add("--max-new-tokens", type=int, default=1024)
+    add("--chunk-size", type=int, default=256,
+        help="completion positions per chunk of the output layer and loss (memory: a few "
+             "[chunk, vocabulary] float32 tensors)")
     add("--temperature", type=float, default=1.0, help="sampling of the model's own completions")
     add("--top-p", type=float, default=1.0)
     add("--top-k", type=int, default=0, help="0: no top-k")
@@ -86,7 +93,9 @@ def add_common_args(parser):
 
 # Toy settings that every script shares: short answers, and 256 rows per generate call (measured
 # fastest on 2 CPU cores: larger batches spend their time on padding after most rows have stopped).
-TOY_EVAL_SETTINGS = {"max_new_tokens": 64, "eval_batch_size": 256, "eval_temperature": 0.7}
+# And the whole step in one pass, nothing recomputed: a 1M-parameter model's activations are small.
+TOY_COMMON_SETTINGS = {"max_new_tokens": 64, "eval_batch_size": 256, "eval_temperature": 0.7,
+                     "micro_batch_size": 0, "gradient_checkpointing": False}
 
 
 def parse_args(parser, argv, toy_settings):
@@ -98,7 +107,7 @@ def parse_args(parser, argv, toy_settings):
     """
     args = parser.parse_args(argv)
     if args.model == "toy":
-        settings = {key: value for key, value in {**toy_settings, **TOY_EVAL_SETTINGS}.items()
+        settings = {key: value for key, value in {**toy_settings, **TOY_COMMON_SETTINGS}.items()
                     if hasattr(args, key)}
         parser.set_defaults(**settings)
         args = parser.parse_args(argv)
@@ -201,9 +210,11 @@ def load_model(name_or_path="toy", dtype="auto", full=False, gradient_checkpoint
     model.to(device)
     if full and dtype != torch.float32:
         # Mixed precision: matrix products in `dtype`, weights and their gradients in float32.
-        # (Set on this model object: a deepcopy of it runs in float32. Norm weights stay float32,
-        # so some activations, Qwen3's cached keys among them, are float32 too.)
-        model.forward = torch.autocast(device.type, dtype=dtype)(model.forward)
+        # On the two parts the code calls: the decoder and the output layer (`hidden_states`,
+        # `output_logits`; model(...) calls both). Set on these objects: a deepcopy runs in
+        # float32. Norm weights stay float32, so some activations are float32 too.
+        for part in (model.get_decoder(), model.get_output_embeddings()):
+            part.forward = torch.autocast(device.type, dtype=dtype)(part.forward)
     if gradient_checkpointing:
         # Non-reentrant checkpointing lets gradients reach LoRA weights even though the frozen
         # embedding output does not require grad (the reentrant variant fails there).
@@ -423,7 +434,7 @@ def is_correct(completion, reference_answer):
 
 
 # ----------------------------------------------------------------------------------------------
-# Generation, log-probabilities, evaluation
+# Generation
 
 def end_token_ids(model, tokenizer):
     """The token ids that end a completion: the tokenizer's EOS and every id of the model's
@@ -535,6 +546,9 @@ def sample_rollouts(model, tokenizer, examples, args, state):
     return rollouts
 
 
+# ----------------------------------------------------------------------------------------------
+# Log-probabilities from hidden states: the output layer a chunk of positions at a time
+
 def pack_rows(prompt_ids, completion_ids, pad_id, device):
     """Right-padded [prompt + completion] rows for a training forward pass.
 
@@ -555,17 +569,72 @@ def pack_rows(prompt_ids, completion_ids, pad_id, device):
     return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
 
 
-def token_logprobs(model, input_ids, attention_mask, temperature=1.0):
-    """log p(x_{t+1} | x_<=t) for every position: [B, L-1], in float32, under softmax(logits / T).
+def hidden_states(model, input_ids, attention_mask, position_ids=None):
+    """The model's final hidden states [B, L, H] (after its last norm), without its output layer.
 
-    RL needs the log-probs of the policy that sampled, so pass the sampling temperature.
-    cross_entropy over the flattened logits avoids keeping a full [B, L, V] log-softmax.
+    The output layer is where the memory goes at a real vocabulary: its logits are [B, L, V], and
+    with Qwen3's V = 151,936 one row of 1024 positions is 620 MB in float32. So the losses apply it
+    themselves, at completion positions only and a chunk at a time (`chunked`, `target_logprobs`).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    targets = input_ids[:, 1:]
-    logits = logits[:, :-1].float() / temperature  # [B, L-1, V]
-    return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False).last_hidden_state
 
+
+def output_logits(model, hidden):
+    """The model's logits from its final hidden states [..., H] -> [..., V]: the output layer (tied
+    to the embeddings or not), then the soft-capping some models apply (Gemma 2:
+    cap * tanh(logits / cap)); what model(...).logits holds."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def chunked(function, tensors, chunk_size):
+    """function(*chunk) on `chunk_size` rows of the [n, ...] `tensors` at a time, each chunk under
+    activation checkpointing; the chunks' [c] outputs concatenated: [n].
+
+    The fused linear + loss of Liger-Kernel (its fused linear cross-entropy and JSD, there in
+    Triton): `function` makes a chunk's logits from hidden states and reduces them to one number
+    per position at once, so only [chunk_size, V] logits ever exist, and checkpointing recomputes
+    them in the backward pass instead of keeping them (peak: a few [chunk_size, V] float32 tensors).
+    """
+    n = tensors[0].shape[0]
+    pieces = [checkpoint(function, *(tensor[start:start + chunk_size] for tensor in tensors),
+                         use_reentrant=False)
+              for start in range(0, n or 1, chunk_size)]  # n = 0: one empty chunk, still a graph
+    return torch.cat(pieces)
+
+
+def target_logprobs(model, hidden, targets, temperature=1.0, chunk_size=256):
+    """log p(target) under softmax(logits / temperature), logits = output_logits(model, hidden):
+
+        log p(y | h) = z_y / T - log sum_v exp(z_v / T),    z = W h    (W: the output layer)
+
+    hidden [n, H], targets [n] -> [n] float32, computed `chunk_size` positions at a time (`chunked`).
+    RL needs the log-probs of the policy that sampled, so pass the sampling temperature.
+    """
+    def chunk_logprobs(hidden_chunk, target_chunk):
+        logits = output_logits(model, hidden_chunk).float() / temperature  # [c, V]
+        return -F.cross_entropy(logits, target_chunk, reduction="none")  # [c]
+    return chunked(chunk_logprobs, [hidden, targets], chunk_size)
+
+
+def token_logprobs(model, input_ids, attention_mask, completion_mask, temperature=1.0,
+                   chunk_size=256):
+    """log p(x_{t+1} | x_<=t) where completion_mask is 1, 0 elsewhere: [B, L-1] float32.
+
+    completion_mask [B, L-1] (`pack_rows`) picks the positions whose next token is a target; the
+    output layer runs on those positions only (`target_logprobs`), never on the prompt.
+    """
+    hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]  # [B, L-1, H]: predicts t+1
+    mask = completion_mask.bool()
+    logprobs = target_logprobs(model, hidden[mask], input_ids[:, 1:][mask], temperature,
+                               chunk_size)  # [n completion tokens]
+    return torch.zeros(mask.shape, device=mask.device).masked_scatter(mask, logprobs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
 
 def format_seconds(seconds):
     seconds = int(max(0, seconds))
@@ -962,6 +1031,9 @@ def main(argv=None):
     add("--top-p", type=float, default=1.0)
     add("--top-k", type=int, default=0, help="0: no top-k")
     add("--max-new-tokens", type=int, default=1024)
+    add("--chunk-size", type=int, default=256,
+        help="completion positions per chunk of the output layer and loss (memory: a few "
+             "[chunk, vocabulary] float32 tensors)")
     add("--eval-n", type=int, default=500, help="problems to evaluate on (the first N)")
     add("--batch-size", type=int, default=64, help="rows per generate call")
     add("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",

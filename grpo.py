@@ -169,24 +169,25 @@ def main(argv=None):
         # 4. pi_old: recorded once when the rollouts are reused (mu > 1); else logp.detach() below.
         # All log-probs are those of the policy that sampled: softmax(logits / temperature), as in
         # TRL. (At temperature 1 instead, E[grad log pi] over the samples is not 0: a bias.)
-        def logprobs(input_ids, attention_mask):
-            return common.token_logprobs(model, input_ids, attention_mask, args.temperature)
+        def logprobs(input_ids, attention_mask, completion_mask):
+            return common.token_logprobs(model, input_ids, attention_mask, completion_mask,
+                                         args.temperature, args.chunk_size)
 
         old_logps, ref_logps = [], []
         with torch.no_grad():
-            for input_ids, attention_mask, _ in packed:
+            for batch in packed:
                 if args.num_iterations > 1:
-                    old_logps.append(logprobs(input_ids, attention_mask))
+                    old_logps.append(logprobs(*batch))
                 if args.beta > 0:
                     with lora_disabled(model):  # the reference is the base model: no second copy
-                        ref_logps.append(logprobs(input_ids, attention_mask))
+                        ref_logps.append(logprobs(*batch))
 
         # 5. mu policy updates on the same rollouts.
         loss_sum, clipped, kl_sum = 0.0, 0.0, 0.0
         for _ in range(args.num_iterations):
             for b, (rows, (input_ids, attention_mask, completion_mask)) in enumerate(
                     zip(micro_batches, packed)):
-                logp = logprobs(input_ids, attention_mask)  # [B, L-1]
+                logp = logprobs(input_ids, attention_mask, completion_mask)  # [B, L-1]
                 old_logp = old_logps[b] if old_logps else logp.detach()
                 ref_logp = ref_logps[b] if ref_logps else None
                 loss = policy_loss(logp, old_logp, advantages[rows].to(device), completion_mask,

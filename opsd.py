@@ -29,7 +29,6 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import common
 from lora import lora_disabled
@@ -63,7 +62,6 @@ def parse_args(argv=None):
         help="generalized JSD weight: 0 forward KL(teacher||student), 1 reverse KL, 0.5 JSD")
     add("--clip", type=float, default=0.05,
         help="cap on each vocabulary entry of the pointwise divergence (0: no cap)")
-    add("--chunk-size", type=int, default=128, help="positions per chunk of the divergence")
     # The OPSD paper's settings; both logits of the divergence are divided by the temperature.
     parser.set_defaults(lr=5e-6, max_grad_norm=0.1, temperature=1.1, top_p=0.95, top_k=20)
     args = common.parse_args(parser, argv, TOY_SETTINGS)
@@ -104,72 +102,66 @@ def pointwise_divergence(student_logits, teacher_logits, beta, temperature, clip
     return entries.sum(-1)
 
 
-def divergence(student_logits, teacher_logits, mask, beta=0.0, temperature=1.0, clip=0.0,
-               chunk_size=128):
+def divergence(student_hidden, teacher_hidden, mask, student_output, teacher_output, beta=0.0,
+               temperature=1.0, clip=0.0, chunk_size=256):
     """Token mean over the completion of the full-vocabulary divergence D(P_T || P_S) (OPSD eq. for
-    the full-distribution objective, arXiv 2601.18734; generalized JSD of GKD, arXiv 2306.13649).
+    the full-distribution objective, arXiv 2601.18734; generalized JSD of GKD, arXiv 2306.13649):
 
-    student_logits, teacher_logits: [N, T, V], aligned so position t predicts completion token t;
-    mask: [N, T], 1 on completion tokens (EOS included), 0 on padding. See `pointwise_divergence`
-    for the formulas and which direction is "forward". Gradients flow into student_logits only.
+        L = (1 / sum_t m_t) sum_t m_t D( softmax(W_T h^T_t / T), softmax(W_S h^S_t / T) )
 
-    Memory: the float32 softmaxes and the mixture are [N, chunk, V] at a time, never [N, T, V].
-    Each chunk runs under activation checkpointing, so its intermediates are recomputed in the
-    backward pass instead of being kept (with Qwen3's V = 151,936 a [1024, V] float32 tensor is
-    620 MB and a naive version keeps several). chunk_size=None computes it in one piece.
+    student_hidden, teacher_hidden: [N, T, H] final hidden states (`completion_hidden`), aligned so
+    position t predicts completion token t; mask: [N, T], 1 on completion tokens (EOS included).
+    student_output, teacher_output: their output layers, hidden -> logits (`common.output_logits`;
+    the identity if the inputs are logits already). See `pointwise_divergence` for the formulas and
+    which direction is "forward". Gradients flow into the student only.
+
+    Memory: logits exist only for `chunk_size` completion positions at a time, student and teacher
+    together (`common.chunked`, the fused linear JSD of Liger-Kernel): never [N, T, V], which with
+    Qwen3's V = 151,936 is 620 MB per 1024 positions in float32; the backward pass recomputes them.
 
     The clip, and why it can hurt: a capped entry j has zero gradient of its own, but through the
     softmax the uncapped entries still push on z_j with d/dz_j = p_S(j) * P_T(uncapped) > 0, i.e.
     the student's logit of a token the teacher strongly prefers goes *down*. On real LLMs few
     entries exceed 0.05; on the toy, whose teacher and student disagree sharply on digits, many do.
     """
-    teacher_logits = teacher_logits.detach()  # the teacher is a target, never trained
-    T = mask.shape[1]
-    chunk_size = chunk_size or T
-    total = 0.0
-    for start in range(0, T, chunk_size):
-        piece = slice(start, start + chunk_size)
-        args = (student_logits[:, piece], teacher_logits[:, piece], beta, temperature, clip)
-        per_position = (pointwise_divergence(*args) if chunk_size >= T
-                        else checkpoint(pointwise_divergence, *args, use_reentrant=False))  # [N, c]
-        total = total + (per_position * mask[:, piece]).sum()
-    return total / mask.sum().clamp(min=1)
+    def chunk_divergence(student_chunk, teacher_chunk):  # [c, H] each -> [c]
+        with torch.no_grad():
+            teacher_logits = teacher_output(teacher_chunk)  # a target, never trained
+        return pointwise_divergence(student_output(student_chunk), teacher_logits, beta,
+                                    temperature, clip)
+    mask = mask.bool()
+    per_position = common.chunked(chunk_divergence, [student_hidden[mask],
+                                                     teacher_hidden[mask].detach()], chunk_size)
+    return per_position.sum() / mask.sum().clamp(min=1)
 
 
-def sampled_token_loss(student_logprobs, teacher_logprobs, mask):
+def sampled_token_loss(student_logprobs, teacher_logprobs):
     """The paper's cheaper ablation: only the sampled tokens y_t, as a per-token advantage.
 
         A_t = stopgrad(log p_T(y_t) - log p_S(y_t)),    L = -(1/|o|) sum_t A_t log p_S(y_t)
 
     The gradient -A_t grad log p_S(y_t) is a one-sample (REINFORCE) estimate of the gradient of the
     reverse KL(p_S || p_T): tokens the teacher likes more than the student get pushed up.
-    student_logprobs, teacher_logprobs, mask: [N, T].
+    student_logprobs, teacher_logprobs: [n], the completion tokens of the micro-batch.
     """
     advantages = (teacher_logprobs - student_logprobs).detach()
-    return -(advantages * student_logprobs * mask).sum() / mask.sum().clamp(min=1)
+    return -(advantages * student_logprobs).sum() / max(1, len(student_logprobs))
 
 
-def completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """Logits that predict each completion token: [N, T, V] for a [N, T] completion.
+def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """Final hidden states that predict each completion token: [N, T, H] for a [N, T] completion.
 
     Rows are [left-padded prompt | right-padded completion], so the completion starts at the same
     column for every row whatever the prompt length: student and teacher (different prompts) line
     up by construction. Position ids count real tokens only, so left padding shifts nothing.
-    logits_to_keep = T + 1: the model never builds logits over the prompt.
+    The output layer is applied later, a chunk of completion positions at a time (`divergence`).
     """
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P + T]
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    T = completion_ids.shape[1]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False, logits_to_keep=T + 1).logits  # [N, T + 1, V]
-    return logits[:, :-1]  # the logit at column P - 1 + t predicts completion token t
-
-
-def gathered_logprobs(logits, token_ids, temperature):
-    """log p(token) under softmax(logits / temperature): [N, T] from [N, T, V]."""
-    return -F.cross_entropy((logits.float() / temperature).flatten(0, 1), token_ids.flatten(),
-                            reduction="none").view_as(token_ids)
+    hidden = common.hidden_states(model, input_ids, attention_mask, position_ids)  # [N, P + T, H]
+    P = prompt_ids.shape[1]
+    return hidden[:, P - 1:-1]  # column P - 1 + t predicts completion token t
 
 
 def main(argv=None):
@@ -213,21 +205,26 @@ def main(argv=None):
             completion_ids = rollouts["completion_ids"][rows, :width]
             completion_mask = completion_mask[:, :width]
             with torch.no_grad(), teacher_context(teacher):  # 3. teacher: no gradient, ever
-                teacher_logits = completion_logits(teacher, teacher_ids[rows], teacher_mask[rows],
-                                                   completion_ids, completion_mask)  # [B, T, V]
-            student_logits = completion_logits(model, rollouts["prompt_ids"][rows],
+                teacher_hidden = completion_hidden(teacher, teacher_ids[rows], teacher_mask[rows],
+                                                   completion_ids, completion_mask)  # [B, T, H]
+            student_hidden = completion_hidden(model, rollouts["prompt_ids"][rows],
                                                rollouts["prompt_mask"][rows],
-                                               completion_ids, completion_mask)  # [B, T, V]
+                                               completion_ids, completion_mask)  # [B, T, H]
             # 4. The loss on this micro-batch is a token mean; weight it by its share of the
             # step's tokens so the step's loss is the token mean over all of them.
             if args.loss == "full":
-                loss = divergence(student_logits, teacher_logits, completion_mask, args.beta,
-                                  args.temperature, args.clip, args.chunk_size)
+                loss = divergence(student_hidden, teacher_hidden, completion_mask,
+                                  lambda hidden: common.output_logits(model, hidden),
+                                  lambda hidden: common.output_logits(teacher, hidden),
+                                  args.beta, args.temperature, args.clip, args.chunk_size)
             else:
-                loss = sampled_token_loss(
-                    gathered_logprobs(student_logits, completion_ids, args.temperature),
-                    gathered_logprobs(teacher_logits, completion_ids, args.temperature),
-                    completion_mask)
+                mask, targets = completion_mask.bool(), completion_ids[completion_mask.bool()]
+                with torch.no_grad():
+                    teacher_logprobs = common.target_logprobs(
+                        teacher, teacher_hidden[mask], targets, args.temperature, args.chunk_size)
+                loss = sampled_token_loss(common.target_logprobs(
+                    model, student_hidden[mask], targets, args.temperature, args.chunk_size),
+                    teacher_logprobs)
             weight = int(completion_mask.sum()) / num_tokens
             (loss * weight).backward()
             loss_sum += loss.item() * weight

@@ -126,7 +126,8 @@ def main(argv=None):
             micro = rows[first:first + args.micro_batch_size]
             input_ids, attention_mask, completion_mask = common.pack_rows(
                 [p for p, _ in micro], [c for _, c in micro], tokenizer.pad_token_id, device)
-            logprobs = common.token_logprobs(model, input_ids, attention_mask)  # [B, L-1]
+            logprobs = common.token_logprobs(model, input_ids, attention_mask, completion_mask,
+                                             chunk_size=args.chunk_size)  # [B, L-1]
             loss = sft_loss(logprobs, completion_mask, num_target_tokens)
             loss.backward()  # gradients add up over micro-batches into the step's token mean
             loss_sum += loss.item()

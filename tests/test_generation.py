@@ -52,10 +52,12 @@ def test_token_logprobs_match_a_log_softmax(toy):
     model, tokenizer = toy
     input_ids = torch.tensor([[3, 4, 5, 6, 7]])
     attention_mask = torch.ones_like(input_ids)
-    logprobs = common.token_logprobs(model, input_ids, attention_mask)
+    completion_mask = torch.tensor([[0, 1, 1, 1]])  # the first target is a prompt token
+    logprobs = common.token_logprobs(model, input_ids, attention_mask, completion_mask, chunk_size=2)
     with torch.no_grad():
         reference = model(input_ids).logits.log_softmax(-1)
-    expected = torch.stack([reference[0, t, input_ids[0, t + 1]] for t in range(4)])
+    expected = torch.stack([reference[0, t, input_ids[0, t + 1]] if t else torch.tensor(0.0)
+                            for t in range(4)])
     assert torch.allclose(logprobs[0].detach(), expected, atol=1e-5)
 
 

@@ -38,6 +38,12 @@ def slow_divergence(student_logits, teacher_logits, mask, beta, temperature, cli
     return total / count
 
 
+def logit_divergence(student_logits, teacher_logits, mask, *args, **kwargs):
+    """opsd.divergence given logits rather than hidden states: identity output layers."""
+    return opsd.divergence(student_logits, teacher_logits, mask, lambda x: x, lambda x: x,
+                           *args, **kwargs)
+
+
 def random_logits(N=3, T=5, V=7, seed=0):
     generator = torch.Generator().manual_seed(seed)
     student = torch.randn(N, T, V, generator=generator) * 2
@@ -51,11 +57,11 @@ def random_logits(N=3, T=5, V=7, seed=0):
 @pytest.mark.parametrize("clip", [0.0, 0.05])
 def test_divergence_matches_the_formula(beta, temperature, clip):
     student, teacher, mask = random_logits()
-    got = opsd.divergence(student, teacher, mask, beta, temperature, clip)
+    got = logit_divergence(student, teacher, mask, beta, temperature, clip)
     expected = slow_divergence(student, teacher, mask, beta, temperature, clip)
     assert got.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
     if clip:  # the cap really acts in this case
-        assert got.item() < opsd.divergence(student, teacher, mask, beta, temperature, 0.0).item()
+        assert got.item() < logit_divergence(student, teacher, mask, beta, temperature, 0.0).item()
 
 
 def test_forward_and_reverse_are_not_swapped():
@@ -66,8 +72,8 @@ def test_forward_and_reverse_are_not_swapped():
     p_teacher = torch.softmax(teacher[0, 0], -1)
     forward = (p_teacher * (p_teacher.log() - math.log(0.25))).sum()  # KL(P_T || P_S)
     reverse = (0.25 * (math.log(0.25) - p_teacher.log())).sum()      # KL(P_S || P_T)
-    assert opsd.divergence(student, teacher, mask, beta=0.0).item() == pytest.approx(forward.item(), rel=1e-5)
-    assert opsd.divergence(student, teacher, mask, beta=1.0).item() == pytest.approx(reverse.item(), rel=1e-5)
+    assert logit_divergence(student, teacher, mask, beta=0.0).item() == pytest.approx(forward.item(), rel=1e-5)
+    assert logit_divergence(student, teacher, mask, beta=1.0).item() == pytest.approx(reverse.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
@@ -76,9 +82,9 @@ def test_chunked_equals_unchunked(beta, clip):
     student, teacher, mask = random_logits(T=5)
     grads = []
     values = []
-    for chunk_size in [None, 2]:
+    for chunk_size in [1000, 2]:  # one chunk; chunks of 2 positions
         leaf = student.clone().requires_grad_()
-        loss = opsd.divergence(leaf, teacher, mask, beta, 0.9, clip, chunk_size=chunk_size)
+        loss = logit_divergence(leaf, teacher, mask, beta, 0.9, clip, chunk_size=chunk_size)
         loss.backward()
         values.append(loss.item())
         grads.append(leaf.grad)
@@ -90,7 +96,7 @@ def test_chunked_equals_unchunked(beta, clip):
 def test_divergence_of_a_distribution_with_itself_is_zero(beta):
     student, _, mask = random_logits()
     leaf = student.clone().requires_grad_()
-    loss = opsd.divergence(leaf, student.clone(), mask, beta, 1.3)
+    loss = logit_divergence(leaf, student.clone(), mask, beta, 1.3)
     loss.backward()
     assert abs(loss.item()) < 1e-6
     assert leaf.grad.abs().max() < 1e-6
@@ -100,13 +106,13 @@ def test_padding_contributes_nothing_and_the_teacher_gets_no_gradient():
     student, teacher, mask = random_logits()
     student = student.requires_grad_()
     teacher = teacher.requires_grad_()
-    loss = opsd.divergence(student, teacher, mask)
+    loss = logit_divergence(student, teacher, mask)
     loss.backward()
     assert teacher.grad is None
     assert student.grad[mask == 0].abs().max() == 0 and student.grad[mask == 1].abs().max() > 0
     changed = student.detach().clone()
     changed[mask == 0] = 100.0
-    assert opsd.divergence(changed, teacher, mask).item() == pytest.approx(loss.item())
+    assert logit_divergence(changed, teacher, mask).item() == pytest.approx(loss.item())
 
 
 def test_sampled_token_loss_matches_the_formula():
@@ -114,7 +120,7 @@ def test_sampled_token_loss_matches_the_formula():
     student_logprobs = (-torch.rand(2, 4) * 3).requires_grad_()
     teacher_logprobs = -torch.rand(2, 4) * 3
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    loss = opsd.sampled_token_loss(student_logprobs, teacher_logprobs, mask)
+    loss = opsd.sampled_token_loss(student_logprobs[mask.bool()], teacher_logprobs[mask.bool()])
     loss.backward()
     advantages = teacher_logprobs - student_logprobs.detach()
     assert loss.item() == pytest.approx((-(advantages * student_logprobs.detach())[mask.bool()]).mean().item())
@@ -122,7 +128,7 @@ def test_sampled_token_loss_matches_the_formula():
     assert torch.allclose(student_logprobs.grad, -advantages * mask / mask.sum())
 
 
-def test_completion_logits_line_up_whatever_the_prompt(toy):
+def test_completion_hidden_states_line_up_whatever_the_prompt(toy):
     """Batched, left-padded rows give the logits of each row run alone, at the completion tokens."""
     model, tokenizer = toy
     prompts = ["Tom has 3 pens.", "A much longer prompt: Ben has 33 eggs and finds 6 more."]
@@ -136,8 +142,9 @@ def test_completion_logits_line_up_whatever_the_prompt(toy):
     batch_completion = torch.tensor([c + [pad] * (T - len(c)) for c in completion_ids])
     batch_completion_mask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in completion_ids])
     with torch.no_grad():
-        batched = opsd.completion_logits(model, batch_prompt, batch_prompt_mask, batch_completion,
-                                         batch_completion_mask)
+        hidden = opsd.completion_hidden(model, batch_prompt, batch_prompt_mask, batch_completion,
+                                        batch_completion_mask)
+        batched = common.output_logits(model, hidden)
         assert batched.shape == (2, T, model.config.vocab_size)
         for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
             alone = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:len(p) + len(c) - 1]
@@ -146,16 +153,16 @@ def test_completion_logits_line_up_whatever_the_prompt(toy):
 
 def test_training_step_sees_the_same_completion_and_keeps_the_fixed_teacher(tmp_path, monkeypatch, toy):
     calls = []
-    real_completion_logits = opsd.completion_logits
+    real_completion_hidden = opsd.completion_hidden
 
     def recording(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-        logits = real_completion_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        hidden = real_completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
         disabled = all(layer.disabled for layer in lora_layers(model))
         calls.append((prompt_ids.clone(), completion_ids.clone(), completion_mask.clone(),
-                      disabled, logits.requires_grad))
-        return logits
+                      disabled, hidden.requires_grad))
+        return hidden
 
-    monkeypatch.setattr(opsd, "completion_logits", recording)
+    monkeypatch.setattr(opsd, "completion_hidden", recording)
     out = tmp_path / "opsd"
     opsd.main(["--steps", "2", "--batch-size", "4", "--eval-n", "4", "--out", str(out)])
     assert len(calls) == 4  # teacher, student; twice
@@ -183,11 +190,13 @@ def heldout_divergence(student, teacher, tokenizer, examples, rollouts):
     encoded = tokenizer(teacher_prompts, return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=False)
     with torch.no_grad():
-        teacher_logits = opsd.completion_logits(teacher, encoded["input_ids"], encoded["attention_mask"],
+        teacher_hidden = opsd.completion_hidden(teacher, encoded["input_ids"], encoded["attention_mask"],
                                                 rollouts["completion_ids"], rollouts["completion_mask"])
-        student_logits = opsd.completion_logits(student, rollouts["prompt_ids"], rollouts["prompt_mask"],
+        student_hidden = opsd.completion_hidden(student, rollouts["prompt_ids"], rollouts["prompt_mask"],
                                                 rollouts["completion_ids"], rollouts["completion_mask"])
-        return opsd.divergence(student_logits, teacher_logits, rollouts["completion_mask"],
+        return opsd.divergence(student_hidden, teacher_hidden, rollouts["completion_mask"],
+                               lambda hidden: common.output_logits(student, hidden),
+                               lambda hidden: common.output_logits(teacher, hidden),
                                temperature=0.7).item()
 
 

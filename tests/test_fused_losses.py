@@ -1,0 +1,165 @@
+"""Every loss computed from hidden states a chunk at a time (common.chunked) equals the unfused
+computation on the model's own full logits, in value and in gradient: SFT, GRPO, OPSD's divergence
+and its sampled-token loss; with LoRA and without, tied and untied output layers, and Gemma 2's
+final-logit soft-capping."""
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+import common
+import grpo
+import opsd
+import sft
+from lora import apply_lora, lora_disabled
+
+V = 50
+
+
+def tiny_model(kind, lora):
+    torch.manual_seed(0)
+    shape = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    if kind == "gemma2-softcap":  # logits = 2 * tanh(logits / 2): the cap really acts
+        model = Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=2.0,
+                                               attn_implementation="eager"))
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(**shape, tie_word_embeddings=kind == "qwen3-tied"))
+    with torch.no_grad():  # a larger output layer: logits of a few units, far from uniform
+        model.get_output_embeddings().weight.mul_(20)
+    if lora:
+        apply_lora(model, r=4, alpha=8)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # nonzero B, so the LoRA path changes the logits
+                torch.nn.init.normal_(parameter, std=0.5)
+    return model
+
+
+def rows():
+    """Two right-padded rows of [prompt | completion] and the mask of completion targets."""
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1, V, (2, 9), generator=generator)
+    attention_mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
+    completion_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0, 0, 0]])
+    return input_ids, attention_mask, completion_mask
+
+
+def unfused_logprobs(model, input_ids, attention_mask, temperature):
+    """The textbook way: the model's full [B, L, V] logits, log-softmax, gather."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    return (logits.float() / temperature).log_softmax(-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+
+
+def gradients(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def assert_same(model, fused_loss, unfused_loss):
+    assert fused_loss().item() == pytest.approx(unfused_loss().item(), rel=1e-5, abs=1e-6)
+    for fused, unfused in zip(gradients(model, fused_loss()), gradients(model, unfused_loss())):
+        assert (fused - unfused).abs().max() <= 1e-4 * unfused.abs().max()  # float32 sums
+
+
+MODELS = [("qwen3-tied", False), ("qwen3-tied", True), ("qwen3-untied", False),
+          ("qwen3-untied", True), ("gemma2-softcap", False), ("gemma2-softcap", True)]
+
+
+@pytest.mark.parametrize("kind,lora", MODELS)
+def test_sft_and_grpo_losses_equal_the_unfused_ones(kind, lora):
+    model = tiny_model(kind, lora)
+    input_ids, attention_mask, completion_mask = rows()
+    temperature, num_targets = 0.7, int(completion_mask.sum())
+
+    def fused(temperature):
+        return common.token_logprobs(model, input_ids, attention_mask, completion_mask, temperature,
+                                     chunk_size=3)  # chunks that cut across rows
+
+    def unfused(temperature):
+        return unfused_logprobs(model, input_ids, attention_mask, temperature) * completion_mask
+
+    assert_same(model, lambda: sft.sft_loss(fused(1.0), completion_mask, num_targets),
+                lambda: sft.sft_loss(unfused(1.0), completion_mask, num_targets))
+    old_logp = unfused(temperature).detach() + 0.1 * torch.randn(completion_mask.shape)  # rho != 1
+    advantages = torch.tensor([1.0, -0.5])
+    for loss_type in ["grpo", "dapo"]:
+        assert_same(model,
+                    lambda: grpo.policy_loss(fused(temperature), old_logp, advantages,
+                                             completion_mask, loss_type=loss_type),
+                    lambda: grpo.policy_loss(unfused(temperature), old_logp, advantages,
+                                             completion_mask, loss_type=loss_type))
+
+
+@pytest.mark.parametrize("kind,lora", MODELS)
+@pytest.mark.parametrize("beta,clip", [(0.0, 0.0), (0.5, 0.0), (1.0, 0.0), (0.0, 0.05)])
+def test_opsd_divergence_equals_the_unfused_one(kind, lora, beta, clip):
+    model = tiny_model(kind, lora)
+    teacher = tiny_model("qwen3-untied" if kind == "qwen3-tied" else "qwen3-tied", False) \
+        if not lora else model  # LoRA: the teacher is the base (adapters off), as in opsd.py
+    teacher_context = lora_disabled if lora else (lambda _: torch.no_grad())
+    input_ids, attention_mask, _ = rows()
+    prompt_ids, prompt_mask = input_ids[:, :4], attention_mask[:, :4]
+    completion_ids, completion_mask = input_ids[:, 4:], attention_mask[:, 4:]
+    teacher_prompt_ids = torch.flip(prompt_ids, [1])
+    temperature = 1.1
+
+    def teacher_side():
+        with torch.no_grad(), teacher_context(teacher):
+            hidden = opsd.completion_hidden(teacher, teacher_prompt_ids, prompt_mask,
+                                            completion_ids, completion_mask)
+            full = torch.cat([teacher_prompt_ids, completion_ids], 1)
+            logits = teacher(input_ids=full, attention_mask=torch.cat([prompt_mask, completion_mask],
+                                                                      1)).logits[:, 3:-1]
+        return hidden, logits
+
+    def fused():
+        teacher_hidden, _ = teacher_side()
+        student_hidden = opsd.completion_hidden(model, prompt_ids, prompt_mask, completion_ids,
+                                                completion_mask)
+        return opsd.divergence(student_hidden, teacher_hidden, completion_mask,
+                               lambda hidden: common.output_logits(model, hidden),
+                               lambda hidden: common.output_logits(teacher, hidden),
+                               beta, temperature, clip, chunk_size=2)
+
+    def unfused():
+        _, teacher_logits = teacher_side()
+        student_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 3:-1]
+        per_position = opsd.pointwise_divergence(student_logits, teacher_logits, beta, temperature,
+                                                 clip)  # [N, T]
+        return (per_position * completion_mask).sum() / completion_mask.sum()
+
+    assert_same(model, fused, unfused)
+
+
+@pytest.mark.parametrize("kind,lora", MODELS)
+def test_opsd_sampled_token_loss_equals_the_unfused_one(kind, lora):
+    model = tiny_model(kind, lora)
+    input_ids, attention_mask, completion_mask = rows()
+    mask = completion_mask.bool()
+    targets = input_ids[:, 1:][mask]
+    teacher_logprobs = -torch.rand(len(targets))
+
+    def fused():
+        hidden = common.hidden_states(model, input_ids, attention_mask)[:, :-1]
+        return opsd.sampled_token_loss(
+            common.target_logprobs(model, hidden[mask], targets, 1.1, chunk_size=2), teacher_logprobs)
+
+    def unfused():
+        return opsd.sampled_token_loss(unfused_logprobs(model, input_ids, attention_mask, 1.1)[mask],
+                                       teacher_logprobs)
+
+    assert_same(model, fused, unfused)
+
+
+def test_the_output_layer_sees_only_completion_positions_a_chunk_at_a_time(monkeypatch):
+    """The memory claim itself: no output-layer call on more than chunk_size positions, and the
+    prompt positions are never sent through it."""
+    model = tiny_model("qwen3-untied", True)
+    input_ids, attention_mask, completion_mask = rows()
+    widths = []
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda module, inputs, output: widths.append(inputs[0].shape[:-1]))
+    logprobs = common.token_logprobs(model, input_ids, attention_mask, completion_mask, chunk_size=3)
+    logprobs.sum().backward()  # the backward pass recomputes the chunks: more calls, same sizes
+    assert all(len(shape) == 1 and shape[0] <= 3 for shape in widths)
+    assert sum(shape[0] for shape in widths) == 2 * int(completion_mask.sum())  # forward + recompute
