@@ -1031,9 +1031,6 @@ def main(argv=None):
     add("--top-p", type=float, default=1.0)
     add("--top-k", type=int, default=0, help="0: no top-k")
     add("--max-new-tokens", type=int, default=1024)
-    add("--chunk-size", type=int, default=256,
-        help="completion positions per chunk of the output layer and loss (memory: a few "
-             "[chunk, vocabulary] float32 tensors)")
     add("--eval-n", type=int, default=500, help="problems to evaluate on (the first N)")
     add("--batch-size", type=int, default=64, help="rows per generate call")
     add("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",

@@ -1,0 +1,251 @@
+"""Speed and memory of the training scripts at a real scale, on random models (toy/random_model.py).
+
+    python toy/benchmark.py memory                  # peak RSS of one step of opsd.py, grpo.py, sft.py
+    python toy/benchmark.py memory --scripts opsd   # only some of them
+
+memory: one training step of each script, in a process of its own, on the real-vocabulary stand-in
+(Qwen3 with V = 151,936, hidden 1024, 2 layers; built into models/standin on first use) at the
+settings of issue 12: 512 new tokens, LoRA r 64 / alpha 128, float32; opsd.py with 4 prompts,
+grpo.py with 2 prompts x 4 generations, sft.py with 8 problems; every script's own micro-batch and
+other defaults. Evaluation is off (--eval-n 0), so the step is all there is besides loading. The
+stand-in's completions always run to --max-new-tokens (see toy/random_model.py), so each run costs
+the same. Reported: the process's peak resident memory (ru_maxrss of exactly that process, from
+os.wait4; its model is 0.75 GB of it), its wall time and CPU time, loading included. It prints a
+table and one JSON line with every number; each run's log is in out/benchmark/<script>/log.txt.
+
+grpo: seconds per training step of grpo.py and of TRL's GRPOTrainer at identical settings, side by
+side in one run: the "tiny" random Qwen3 (the toy model's shape: hidden 128, 4 layers; built into
+models/tiny on first use), the same prompt strings in the same order, 8 prompts x 8 generations x 48
+new tokens at temperature 1 (no top-p, no top-k), LoRA r 16 / alpha 32 on the seven projections,
+beta 0, one policy update per batch, the "grpo" loss, float32, one forward pass for all 64 rows,
+no gradient checkpointing. Each runs --steps steps in a process of its own, which prints a line per
+step; the time between two such lines is a step (generation, reward, loss, backward, optimizer).
+Reported: the median over steps 2..N (step 1 warms up). TRL runs only where `import trl` works
+(TRL is not a dependency of this project):
+
+    python toy/benchmark.py grpo                     # grpo.py only, without TRL
+    /path/to/venv-with-trl/bin/python toy/benchmark.py grpo    # both; tested with TRL 1.16.0
+
+Run it on a machine that does nothing else if the times matter: on 2 CPU cores, a test suite
+running beside it made steps 2 to 15 times slower (two processes of 2 threads each on 2 cores). The
+peaks do not depend on it.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TOY = Path(__file__).resolve().parent
+REPO = TOY.parent
+sys.path.insert(0, str(TOY))
+sys.path.insert(0, str(REPO))  # common and grpo, for the TRL run's prompts and reward
+import random_model  # noqa: E402
+
+OUT = REPO / "out" / "benchmark"
+
+# The settings every memory run shares, then each script's own (issue 12).
+MEMORY_COMMON = ["--data", "toy", "--steps", "1", "--eval-n", "0", "--max-new-tokens", "512",
+                 "--lora-r", "64", "--lora-alpha", "128", "--dtype", "float32"]
+MEMORY_SCRIPTS = {
+    "opsd": ["--batch-size", "4"],
+    "grpo": ["--batch-size", "2", "--num-generations", "4"],
+    "sft": ["--batch-size", "8"],
+}
+
+
+def run_measured(command, log_path):
+    """Run `command` (its output to log_path); return (exit code, wall seconds, CPU seconds, peak
+    RSS in bytes).
+
+    os.wait4 returns the resource usage of that one child, so each run's peak is its own: the
+    RUSAGE_CHILDREN of this process would be the largest peak of all the runs so far.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        started = time.time()
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.time() - started
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen.wait
+    cpu_seconds = usage.ru_utime + usage.ru_stime  # all threads
+    return process.returncode, seconds, cpu_seconds, usage.ru_maxrss * 1024  # Linux reports KiB
+
+
+def memory(args):
+    model = args.model or random_model.write("standin", REPO / "models" / "standin")
+    results = []
+    for script in args.scripts:
+        out = OUT / script
+        shutil.rmtree(out, ignore_errors=True)  # no metrics or checkpoint of an earlier run
+        command = [sys.executable, f"{script}.py", "--model", str(model), "--out", str(out),
+                   *MEMORY_COMMON, *MEMORY_SCRIPTS[script]]
+        print("$ " + " ".join(command), flush=True)
+        code, seconds, cpu_seconds, peak = run_measured(command, out / "log.txt")
+        if code != 0:
+            tail = (out / "log.txt").read_text().splitlines()[-20:]
+            sys.exit(f"{script}.py failed (exit code {code}):\n" + "\n".join(tail))
+        step = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        results.append({"script": script, "peak_rss_gb": round(peak / 1e9, 2),
+                        "wall_seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
+                        "generated_tokens": step["generated_tokens"],
+                        "settings": " ".join(MEMORY_SCRIPTS[script])})
+    print(f"\none step on {model}, {' '.join(MEMORY_COMMON)}")
+    print("| script | settings | peak RSS | wall time (load + step) | CPU time | generated tokens |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        print(f"| {r['script']}.py | {r['settings']} | {r['peak_rss_gb']:.2f} GB | "
+              f"{r['wall_seconds']:.0f} s | {r['cpu_seconds']:.0f} s | {r['generated_tokens']} |")
+    print(json.dumps({"benchmark": "memory", "model": str(model), "common": MEMORY_COMMON,
+                      "results": results}))
+
+
+# grpo: the settings both implementations share.
+GRPO = {"prompts": 8, "generations": 8, "max_new_tokens": 48, "lora_r": 16, "lora_alpha": 32,
+        "temperature": 1.0, "lr": 2e-5, "seed": 0}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def step_times(command, log_path):
+    """Run `command`, which prints a line "step N..." after each training step; return the seconds
+    between consecutive such lines (steps 2..N), as this process reads them."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    stamps = []
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in process.stdout:
+            log.write(line)
+            if re.match(r"step\s+\d+", line):
+                stamps.append(time.time())
+    if process.wait() != 0:
+        tail = log_path.read_text().splitlines()[-20:]
+        sys.exit(f"{command[1]} failed (exit code {process.returncode}):\n" + "\n".join(tail))
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def grpo_prompts(tokenizer, steps):
+    """The prompt strings of grpo.py's first `steps` steps, in its order, with their answers."""
+    import common
+    examples = common.load_examples("toy", "train")
+    state = {"data_position": 0}
+    args = argparse.Namespace(batch_size=GRPO["prompts"], seed=GRPO["seed"])
+    batches = [common.next_batch(examples, args, state) for _ in range(steps)]
+    return [(common.chat_prompt(tokenizer, common.student_message(e)), e["answer"])
+            for batch in batches for e in batch]
+
+
+def trl_worker(model_path, steps, out):
+    """Train with TRL's GRPOTrainer at the settings of GRPO; print "step N" after each step."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    import grpo  # the same reward as grpo.py's
+
+    torch.manual_seed(GRPO["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    prompts = grpo_prompts(tokenizer, steps)
+    dataset = Dataset.from_list([{"prompt": p, "answer": a} for p, a in prompts])
+
+    def correct(completions, answer, **kwargs):
+        return [grpo.reward(c, a) for c, a in zip(completions, answer)]
+
+    class PrintStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            print(f"step {state.global_step}", flush=True)
+
+    rows = GRPO["prompts"] * GRPO["generations"]
+    config = GRPOConfig(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=rows,
+        gradient_accumulation_steps=1, num_generations=GRPO["generations"],
+        max_completion_length=GRPO["max_new_tokens"], temperature=GRPO["temperature"],
+        top_p=1.0, top_k=0, beta=0.0, num_iterations=1, loss_type="grpo", scale_rewards="group",
+        epsilon=0.2, mask_truncated_completions=False, learning_rate=GRPO["lr"],
+        lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, shuffle_dataset=False,
+        seed=GRPO["seed"], logging_steps=1, report_to="none", save_strategy="no",
+        disable_tqdm=True, log_completions=False)
+    lora = LoraConfig(r=GRPO["lora_r"], lora_alpha=GRPO["lora_alpha"], lora_dropout=0.0,
+                      target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    trainer = GRPOTrainer(model=model, reward_funcs=correct, args=config, train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=lora, callbacks=[PrintStep()])
+    trainer.train()
+
+
+def grpo_speed(args):
+    model = args.model or random_model.write("tiny", REPO / "models" / "tiny")
+    ours = [sys.executable, "grpo.py", "--model", str(model), "--data", "toy",
+            "--steps", str(args.steps), "--batch-size", str(GRPO["prompts"]),
+            "--num-generations", str(GRPO["generations"]),
+            "--max-new-tokens", str(GRPO["max_new_tokens"]), "--temperature", str(GRPO["temperature"]),
+            "--top-p", "1.0", "--top-k", "0", "--lora-r", str(GRPO["lora_r"]),
+            "--lora-alpha", str(GRPO["lora_alpha"]), "--beta", "0", "--num-iterations", "1",
+            "--loss-type", "grpo", "--lr", str(GRPO["lr"]), "--seed", str(GRPO["seed"]),
+            "--dtype", "float32", "--eval-n", "0", "--out", str(OUT / "grpo-ours")]
+    runs = {"grpo.py": ours}
+    if importlib.util.find_spec("trl"):
+        runs["TRL GRPOTrainer"] = [sys.executable, __file__, "trl-worker", "--model", str(model),
+                                   "--steps", str(args.steps)]
+    else:
+        print("TRL is not installed here: timing grpo.py only")
+    results, all_times = {}, {}
+    for repeat in range(args.repeats):  # alternate the two, so that a slow spell hits both
+        for number, (name, command) in enumerate(runs.items()):
+            print(f"$ {' '.join(command)}", flush=True)
+            times = step_times(command, OUT / f"grpo-{number}-{repeat}.log")
+            results.setdefault(name, []).append(statistics.median(times))
+            all_times.setdefault(name, []).append([round(t, 3) for t in times])
+    print(f"\nseconds per GRPO step, median of steps 2..{args.steps}, on {model}: "
+          f"{GRPO['prompts']} prompts x {GRPO['generations']} generations x "
+          f"{GRPO['max_new_tokens']} new tokens, LoRA r {GRPO['lora_r']}, beta 0, float32")
+    print("| implementation | seconds per step | relative to TRL |\n| --- | --- | --- |")
+    reference = results.get("TRL GRPOTrainer")
+    for name, medians in results.items():
+        relative = (" / ".join(f"{m / r:.2f}x" for m, r in zip(medians, reference))
+                    if reference else "-")
+        print(f"| {name} | {' / '.join(f'{m:.2f}' for m in medians)} | {relative} |")
+    versions = {}
+    for package in ["torch", "transformers", "trl", "peft"]:
+        if importlib.util.find_spec(package):
+            versions[package] = __import__(package).__version__
+    print(json.dumps({"benchmark": "grpo", "model": str(model), "settings": GRPO,
+                      "steps": args.steps, "seconds_per_step": results,
+                      "step_seconds": all_times, "versions": versions}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    parser_memory = commands.add_parser("memory", help="peak RSS of one step of each script")
+    parser_memory.add_argument("--model", help="model folder (default: the stand-in, built on "
+                                               "first use in models/standin)")
+    parser_memory.add_argument("--scripts", nargs="+", choices=list(MEMORY_SCRIPTS),
+                               default=list(MEMORY_SCRIPTS))
+    parser_grpo = commands.add_parser("grpo", help="seconds per step: grpo.py and TRL's GRPOTrainer")
+    parser_grpo.add_argument("--model", help="model folder (default: the tiny random Qwen3, built "
+                                             "on first use in models/tiny)")
+    parser_grpo.add_argument("--steps", type=int, default=8)
+    parser_grpo.add_argument("--repeats", type=int, default=1,
+                             help="run each implementation this many times, alternating")
+    worker = commands.add_parser("trl-worker")  # internal: one TRL run, for `grpo`
+    worker.add_argument("--model", required=True)
+    worker.add_argument("--steps", type=int, required=True)
+    args = parser.parse_args()
+    if args.command == "trl-worker":
+        trl_worker(args.model, args.steps, OUT / "grpo-trl")
+    else:
+        {"memory": memory, "grpo": grpo_speed}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
