@@ -20,7 +20,7 @@ divergence capped at `--clip` 0.05 (its later version).
 The student prompt is the one sft.py and grpo.py use; the teacher prompt is `teacher_prompt` below.
 
     python opsd.py                                                  # built-in toy model and task
-    python opsd.py --model Qwen/Qwen3-1.7B --data train.jsonl --gradient-checkpointing
+    python opsd.py --model Qwen/Qwen3-1.7B --data train.jsonl
 """
 import argparse
 import math

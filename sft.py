@@ -23,7 +23,7 @@ loop with the SFT loss: wrong samples are dropped instead of pushed down, and th
 
     python sft.py                                                   # built-in toy model and task
     python sft.py --rejection-sampling 8 --steps 60 --batch-size 16  # RFT on the toy
-    python sft.py --model Qwen/Qwen3-1.7B --data train.jsonl --gradient-checkpointing
+    python sft.py --model Qwen/Qwen3-1.7B --data train.jsonl
 """
 import argparse
 import time
