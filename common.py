@@ -76,7 +76,7 @@ def add_common_args(parser):
         help="compute precision (auto: bfloat16 on CUDA, float32 on CPU); --full keeps its weights "
              "in float32 and computes in --dtype under autocast")
     add("--max-new-tokens", type=int, default=1024)
-    add("--chunk-size", type=int, default=256,
+    add("--chunk-size", type=int, default=128,
         help="completion positions per chunk of the output layer and loss (memory: a few "
              "[chunk, vocabulary] float32 tensors)")
     add("--temperature", type=float, default=1.0, help="sampling of the model's own completions")
@@ -605,7 +605,7 @@ def chunked(function, tensors, chunk_size):
     return torch.cat(pieces)
 
 
-def target_logprobs(model, hidden, targets, temperature=1.0, chunk_size=256):
+def target_logprobs(model, hidden, targets, temperature=1.0, chunk_size=128):
     """log p(target) under softmax(logits / temperature), logits = output_logits(model, hidden):
 
         log p(y | h) = z_y / T - log sum_v exp(z_v / T),    z = W h    (W: the output layer)
@@ -620,7 +620,7 @@ def target_logprobs(model, hidden, targets, temperature=1.0, chunk_size=256):
 
 
 def token_logprobs(model, input_ids, attention_mask, completion_mask, temperature=1.0,
-                   chunk_size=256):
+                   chunk_size=128):
     """log p(x_{t+1} | x_<=t) where completion_mask is 1, 0 elsewhere: [B, L-1] float32.
 
     completion_mask [B, L-1] (`pack_rows`) picks the positions whose next token is a target; the

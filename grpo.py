@@ -151,20 +151,26 @@ def main(argv=None):
         keep = (~zero_std.repeat_interleave(group_size) if args.skip_zero_std
                 else torch.ones_like(rewards, dtype=torch.bool))
 
+        # Rows and tokens of the step on all ranks (under torchrun): the normalisers of the loss.
+        num_rows = common.global_sum(int(keep.sum()))
+        num_tokens = common.global_sum(int(rollouts["completion_mask"].sum(1)[keep].sum()))
+        # With beta = 0 a row whose advantage is 0 has a zero gradient (its surrogate is 0 whatever
+        # the ratio), so its forward and backward passes are skipped; the normalisers above still
+        # count it, so the gradient is the same. (If that leaves no row, train the kept rows anyway:
+        # AdamW must see a zero gradient, not none.)
+        trained = keep & (advantages != 0) if args.beta == 0 else keep
+        trained = trained if trained.any() else keep
+
         # 3. Training rows: prompt without its left padding + completion up to its EOS.
         prompt_rows = [ids[mask.bool()].tolist() for ids, mask in
                        zip(rollouts["prompt_ids"], rollouts["prompt_mask"])]
         completion_rows = [ids[mask.bool()].tolist() for ids, mask in
                            zip(rollouts["completion_ids"], rollouts["completion_mask"])]
-        kept = keep.nonzero().flatten().tolist()
-        micro_batches = [kept[i:i + args.micro_batch_size]
-                         for i in range(0, len(kept), args.micro_batch_size)]
+        rows_trained = trained.nonzero().flatten().tolist()
+        micro_batches = [rows_trained[i:i + args.micro_batch_size]
+                         for i in range(0, len(rows_trained), args.micro_batch_size)]
         packed = [common.pack_rows([prompt_rows[i] for i in rows], [completion_rows[i] for i in rows],
                                    tokenizer.pad_token_id, device) for rows in micro_batches]
-        # Rows and tokens of the step on all ranks (under torchrun): the normalisers of the loss.
-        num_rows = common.global_sum(len(kept))
-        num_tokens = common.global_sum(sum(int(completion_mask.sum()) for _, _, completion_mask
-                                           in packed))
 
         # 4. pi_old: recorded once when the rollouts are reused (mu > 1); else logp.detach() below.
         # All log-probs are those of the policy that sampled: softmax(logits / temperature), as in

@@ -103,7 +103,7 @@ def pointwise_divergence(student_logits, teacher_logits, beta, temperature, clip
 
 
 def divergence(student_hidden, teacher_hidden, mask, student_output, teacher_output, beta=0.0,
-               temperature=1.0, clip=0.0, chunk_size=256):
+               temperature=1.0, clip=0.0, chunk_size=128):
     """Token mean over the completion of the full-vocabulary divergence D(P_T || P_S) (OPSD eq. for
     the full-distribution objective, arXiv 2601.18734; generalized JSD of GKD, arXiv 2306.13649):
 

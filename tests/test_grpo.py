@@ -131,6 +131,34 @@ def test_each_of_mu_updates_steps_with_the_whole_gradient(tmp_path, monkeypatch)
     assert norms[0] == pytest.approx(norms[2], rel=1e-5)
 
 
+def test_rows_with_zero_advantage_are_skipped_without_changing_the_gradient(tmp_path, monkeypatch):
+    """With beta = 0 the rows of groups whose rewards are all equal (advantage 0) are not run through
+    the model; the gradient equals that of training on every row (here: a beta so small that every
+    row is trained, with the same rollouts)."""
+    norms, trained_rows = [], []
+    real_step, real_logprobs = common.optimizer_step, common.token_logprobs
+
+    def record_step(*args):
+        norms.append(real_step(*args))
+        return norms[-1]
+
+    def record_rows(model, input_ids, *args, **kwargs):
+        trained_rows[-1] += input_ids.shape[0]
+        return real_logprobs(model, input_ids, *args, **kwargs)
+    monkeypatch.setattr(common, "optimizer_step", record_step)
+    monkeypatch.setattr(common, "token_logprobs", record_rows)
+    quick = ["--steps", "1", "--batch-size", "4", "--eval-n", "4", "--max-new-tokens", "32"]
+    for name, beta in [("skipping", "0"), ("every-row", "1e-12")]:
+        trained_rows.append(0)
+        grpo.main(quick + ["--beta", beta, "--out", str(tmp_path / name)])
+    metrics = json.loads((tmp_path / "skipping" / "metrics.jsonl").read_text().splitlines()[0])
+    skipped_groups = round(metrics["zero_std_fraction"] * 4)
+    assert skipped_groups > 0 and norms[0] > 0  # the case is tested: some groups have A = 0
+    assert trained_rows[0] == (4 - skipped_groups) * 8
+    assert trained_rows[1] == 2 * 4 * 8  # every row, with the reference model's log-probs too
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--beta", "0.04", "--full"], "--beta > 0 needs a reference model"),
     (["--temperature", "0"], "--temperature must be > 0"),
