@@ -113,6 +113,8 @@ def parse_args(parser, argv, toy_settings):
         args = parser.parse_args(argv)
         print("toy settings: " + ", ".join(f"{key}={value}" for key, value in settings.items()
                                            if getattr(args, key) == value))
+    if getattr(args, "chunk_size", 1) < 1 or getattr(args, "micro_batch_size", 0) < 0:
+        raise InputError("--chunk-size must be >= 1 and --micro-batch-size >= 0 (0: all rows)")
     if getattr(args, "eval_k", 0) > 0 and args.eval_temperature <= 0:
         raise InputError("--eval-k samples: give it --eval-temperature > 0 (greedy accuracy is "
                          "always measured)")
@@ -211,8 +213,9 @@ def load_model(name_or_path="toy", dtype="auto", full=False, gradient_checkpoint
     if full and dtype != torch.float32:
         # Mixed precision: matrix products in `dtype`, weights and their gradients in float32.
         # On the two parts the code calls: the decoder and the output layer (`hidden_states`,
-        # `output_logits`; model(...) calls both). Set on these objects: a deepcopy runs in
-        # float32. Norm weights stay float32, so some activations are float32 too.
+        # `output_logits`; model(...) calls both). Norm weights stay float32, so some
+        # activations are float32 too. (Do not deepcopy such a model: the copy's wrappers would
+        # still call the original's modules.)
         for part in (model.get_decoder(), model.get_output_embeddings()):
             part.forward = torch.autocast(device.type, dtype=dtype)(part.forward)
     if gradient_checkpointing:
@@ -582,10 +585,15 @@ def hidden_states(model, input_ids, attention_mask, position_ids=None):
 
 def output_logits(model, hidden):
     """The model's logits from its final hidden states [..., H] -> [..., V]: the output layer (tied
-    to the embeddings or not), then the soft-capping some models apply (Gemma 2:
-    cap * tanh(logits / cap)); what model(...).logits holds."""
+    to the embeddings or not), then what some models do to their final logits: Cohere multiplies
+    by logit_scale, Granite divides by logits_scaling, Gemma 2 soft-caps, cap * tanh(logits / cap).
+    What model(...).logits holds."""
+    config = model.config.get_text_config()
     logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    scale, scaling = getattr(config, "logit_scale", None), getattr(config, "logits_scaling", None)
+    logits = logits * scale if scale else logits  # Cohere
+    logits = logits / scaling if scaling else logits  # Granite
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2
     return cap * torch.tanh(logits / cap) if cap else logits
 
 

@@ -46,7 +46,7 @@ def parse_args(argv=None):
         raise common.InputError("--rejection-sampling needs --temperature > 0 (K greedy samples "
                                 "would all be the same)")
     args.out = args.out or ("out/rft" if args.rejection_sampling else "out/sft")
-    args.micro_batch_size = args.micro_batch_size or args.batch_size
+    args.micro_batch_size = args.micro_batch_size or args.batch_size * max(1, args.rejection_sampling)
     args.num_generations = args.rejection_sampling  # what common.sample_rollouts draws
     return args
 

@@ -1,10 +1,11 @@
 """Every loss computed from hidden states a chunk at a time (common.chunked) equals the unfused
 computation on the model's own full logits, in value and in gradient: SFT, GRPO, OPSD's divergence
-and its sampled-token loss; with LoRA and without, tied and untied output layers, and Gemma 2's
-final-logit soft-capping."""
+and its sampled-token loss; with LoRA and without, tied and untied output layers, and what Gemma 2,
+Granite and Cohere do to their final logits."""
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM,
+                          GraniteConfig, GraniteForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 import common
 import grpo
@@ -22,6 +23,10 @@ def tiny_model(kind, lora):
     if kind == "gemma2-softcap":  # logits = 2 * tanh(logits / 2): the cap really acts
         model = Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=2.0,
                                                attn_implementation="eager"))
+    elif kind == "granite-scaled":  # logits / 4
+        model = GraniteForCausalLM(GraniteConfig(**shape, logits_scaling=4.0))
+    elif kind == "cohere-scaled":  # logits * 3
+        model = CohereForCausalLM(CohereConfig(**shape, logit_scale=3.0))
     else:
         model = Qwen3ForCausalLM(Qwen3Config(**shape, tie_word_embeddings=kind == "qwen3-tied"))
     with torch.no_grad():  # a larger output layer: logits of a few units, far from uniform
@@ -62,7 +67,8 @@ def assert_same(model, fused_loss, unfused_loss):
 
 
 MODELS = [("qwen3-tied", False), ("qwen3-tied", True), ("qwen3-untied", False),
-          ("qwen3-untied", True), ("gemma2-softcap", False), ("gemma2-softcap", True)]
+          ("qwen3-untied", True), ("gemma2-softcap", False), ("gemma2-softcap", True),
+          ("granite-scaled", False), ("cohere-scaled", True)]
 
 
 @pytest.mark.parametrize("kind,lora", MODELS)

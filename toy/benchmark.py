@@ -2,10 +2,11 @@
 
     python toy/benchmark.py memory                  # peak RSS of one step of opsd.py, grpo.py, sft.py
     python toy/benchmark.py memory --scripts opsd   # only some of them
+    python toy/benchmark.py rollouts                # common.generate against model.generate
 
 memory: one training step of each script, in a process of its own, on the real-vocabulary stand-in
 (Qwen3 with V = 151,936, hidden 1024, 2 layers; built into models/standin on first use) at the
-settings of issue 12: 512 new tokens, LoRA r 64 / alpha 128, float32; opsd.py with 4 prompts,
+settings the README reports: 512 new tokens, LoRA r 64 / alpha 128, float32; opsd.py with 4 prompts,
 grpo.py with 2 prompts x 4 generations, sft.py with 8 problems; every script's own micro-batch and
 other defaults. Evaluation is off (--eval-n 0), so the step is all there is besides loading. The
 stand-in's completions always run to --max-new-tokens (see toy/random_model.py), so each run costs
@@ -25,6 +26,9 @@ Reported: the median over steps 2..N (step 1 warms up). TRL runs only where `imp
 
     python toy/benchmark.py grpo                     # grpo.py only, without TRL
     /path/to/venv-with-trl/bin/python toy/benchmark.py grpo    # both; tested with TRL 1.16.0
+
+rollouts: seconds to sample one step of those rollouts (8 prompts x 8 samples x 48 tokens, the
+"tiny" model) with common.generate and with transformers' model.generate at identical sampling.
 
 Run it on a machine that does nothing else if the times matter: on 2 CPU cores, a test suite
 running beside it made steps 2 to 15 times slower (two processes of 2 threads each on 2 cores). The
@@ -50,7 +54,7 @@ import random_model  # noqa: E402
 
 OUT = REPO / "out" / "benchmark"
 
-# The settings every memory run shares, then each script's own (issue 12).
+# The settings every memory run shares, then each script's own (the README reports these).
 MEMORY_COMMON = ["--data", "toy", "--steps", "1", "--eval-n", "0", "--max-new-tokens", "512",
                  "--lora-r", "64", "--lora-alpha", "128", "--dtype", "float32"]
 MEMORY_SCRIPTS = {
@@ -191,7 +195,8 @@ def grpo_speed(args):
             "--top-p", "1.0", "--top-k", "0", "--lora-r", str(GRPO["lora_r"]),
             "--lora-alpha", str(GRPO["lora_alpha"]), "--beta", "0", "--num-iterations", "1",
             "--loss-type", "grpo", "--lr", str(GRPO["lr"]), "--seed", str(GRPO["seed"]),
-            "--dtype", "float32", "--eval-n", "0", "--out", str(OUT / "grpo-ours")]
+            "--dtype", "float32", "--eval-n", "0", "--out", str(OUT / "grpo-ours"),
+            "--micro-batch-size", "0", "--no-gradient-checkpointing"]  # as TRL's run below
     runs = {"grpo.py": ours}
     if importlib.util.find_spec("trl"):
         runs["TRL GRPOTrainer"] = [sys.executable, __file__, "trl-worker", "--model", str(model),
@@ -223,6 +228,49 @@ def grpo_speed(args):
                       "step_seconds": all_times, "versions": versions}))
 
 
+def rollout_speed(args):
+    """Seconds to sample GRPO's rollouts with common.generate and with model.generate at identical
+    sampling (temperature 1, no top-k, no top-p; 8 prompts x 8 samples x 48 new tokens), in this
+    process, alternating, the median of --repeats calls each after one warm-up call."""
+    import torch
+    from transformers import GenerationConfig
+
+    import common
+    model_path = args.model or random_model.write("tiny", REPO / "models" / "tiny")
+    model, tokenizer = common.load_model(str(model_path), "float32")
+    prompts = [prompt for prompt, _ in grpo_prompts(tokenizer, 1)]
+    n, max_new = GRPO["generations"], GRPO["max_new_tokens"]
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                              max_new_tokens=max_new, num_return_sequences=n,
+                              eos_token_id=common.end_token_ids(model, tokenizer),
+                              pad_token_id=tokenizer.pad_token_id)
+
+    def ours():
+        return common.generate(model, tokenizer, prompts, max_new, 1.0, num_samples=n)[
+            "num_generated_tokens"]
+
+    def transformers_generate():
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                            add_special_tokens=False)
+        with torch.no_grad():
+            output = model.generate(**encoded, generation_config=config)
+        return output.shape[0] * (output.shape[1] - encoded["input_ids"].shape[1])
+
+    times = {"common.generate": [], "model.generate": []}
+    for repeat in range(args.repeats + 1):
+        for name, sample in [("common.generate", ours), ("model.generate", transformers_generate)]:
+            start = time.time()
+            sample()
+            if repeat:  # the first call of each warms up
+                times[name].append(time.time() - start)
+    medians = {name: statistics.median(seconds) for name, seconds in times.items()}
+    print(f"rollouts on {model_path}: {len(prompts)} prompts x {n} samples x {max_new} new tokens")
+    for name, median in medians.items():
+        print(f"{name}: {median:.3f} s (median of {args.repeats})")
+    print(f"common.generate is {medians['model.generate'] / medians['common.generate']:.2f}x as fast")
+    print(json.dumps({"benchmark": "rollouts", "model": str(model_path), "seconds": times}))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -237,6 +285,10 @@ def main():
     parser_grpo.add_argument("--steps", type=int, default=8)
     parser_grpo.add_argument("--repeats", type=int, default=1,
                              help="run each implementation this many times, alternating")
+    parser_rollouts = commands.add_parser("rollouts",
+                                          help="seconds: common.generate against model.generate")
+    parser_rollouts.add_argument("--model", help="model folder (default: models/tiny)")
+    parser_rollouts.add_argument("--repeats", type=int, default=5)
     worker = commands.add_parser("trl-worker")  # internal: one TRL run, for `grpo`
     worker.add_argument("--model", required=True)
     worker.add_argument("--steps", type=int, required=True)
@@ -244,7 +296,7 @@ def main():
     if args.command == "trl-worker":
         trl_worker(args.model, args.steps, OUT / "grpo-trl")
     else:
-        {"memory": memory, "grpo": grpo_speed}[args.command](args)
+        {"memory": memory, "grpo": grpo_speed, "rollouts": rollout_speed}[args.command](args)
 
 
 if __name__ == "__main__":

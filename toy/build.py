@@ -43,7 +43,7 @@ PRETRAIN_DATA = BUILD_DIR / "pretrain.jsonl"
 # each chunk exactly), and stops at the first chunk whose model reaches the targets below: how fast a
 # model this small "gets" arithmetic varies a lot from run to run (15% to 65% closed-book after the
 # same 800 steps in trials), so a fixed step count would not reliably land in the target range.
-PRETRAIN_ARGS = ["--full", "--data", str(PRETRAIN_DATA), "--eval-data", "toy", "--batch-size", "48",
+PRETRAIN_ARGS = ["--full", "--no-gradient-checkpointing", "--data", str(PRETRAIN_DATA), "--eval-data", "toy", "--batch-size", "48",
                  "--micro-batch-size", "24", "--lr", "1e-3", "--schedule", "constant",
                  "--warmup-steps", "50", "--max-new-tokens", "64", "--eval-batch-size", "500",
                  "--resume"]

@@ -1,6 +1,6 @@
 """The one-shot GPU check: each script at the paper's settings on a model of Qwen3-1.7B's shape.
 
-    python toy/gpu_check.py            # on a CUDA GPU: a few minutes on one H100 or H200
+    python toy/gpu_check.py            # on a CUDA GPU: over 5 minutes on one H200
     python toy/gpu_check.py --tiny     # the same path on a CPU with a tiny shape (tests/ runs this)
 
 The model has random weights (toy/random_model.py: Qwen3-1.7B's config.json, vocabulary 151,936,
