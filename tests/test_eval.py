@@ -1,4 +1,4 @@
-"""Evaluation metrics (pass@k, maj@k, ...), `python common.py eval` and `toy/compare.py`."""
+"""Evaluation metrics (pass@k, maj@k, ...), `python toy/evaluate.py` and `toy/compare.py`."""
 import json
 import math
 import statistics
@@ -13,6 +13,7 @@ import common
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "toy"))
 import compare  # noqa: E402  toy/compare.py
+import evaluate  # noqa: E402  toy/evaluate.py
 
 
 @pytest.mark.parametrize("n", range(1, 11))
@@ -77,7 +78,7 @@ def test_eval_command_writes_the_metrics_of_a_model_and_adapter(toy, tmp_path):
     for layer in lora.lora_layers(adapted):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.05)  # an adapter that changes the outputs
     lora.save_lora(adapted, tmp_path / "adapter")
-    common.main(["eval", "--adapter", str(tmp_path / "adapter"), "--eval-n", "16", "--k", "2"])
+    evaluate.main(["--adapter", str(tmp_path / "adapter"), "--eval-n", "16", "--k", "2"])
     result = json.loads((tmp_path / "adapter" / "eval.json").read_text())
     examples = common.load_examples("toy", "test")[:16]
     expected = common.evaluate(adapted, tokenizer, examples, 64)["accuracy"]
@@ -85,7 +86,7 @@ def test_eval_command_writes_the_metrics_of_a_model_and_adapter(toy, tmp_path):
     assert {"mean@2", "pass@2", "maj@2", "more_than_half@2"} <= set(result)
     # The base model on a local JSONL file (real GSM8K records): all of its records by default.
     fixture = str(Path(__file__).parent / "fixtures" / "gsm8k_sample.jsonl")
-    common.main(["eval", "--data", fixture, "--k", "0", "--out", str(tmp_path / "base.json")])
+    evaluate.main(["--data", fixture, "--k", "0", "--out", str(tmp_path / "base.json")])
     base = json.loads((tmp_path / "base.json").read_text())
     records = common.read_records(fixture)
     assert base["n"] == len(records) and "mean@2" not in base
@@ -144,7 +145,7 @@ def test_compare_names_a_folder_without_a_summary(tmp_path):
 
 def test_eval_command_names_a_folder_that_is_not_an_adapter(tmp_path):
     with pytest.raises(common.InputError, match="no adapter_config.json"):
-        common.main(["eval", "--adapter", str(tmp_path)])
+        evaluate.main(["--adapter", str(tmp_path)])
 
 
 def test_sampled_evaluation_does_not_change_the_training_run(tmp_path):

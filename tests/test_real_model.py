@@ -19,13 +19,18 @@ SMALL = ["--steps", "2", "--batch-size", "2", "--max-new-tokens", "12", "--eval-
          "--eval-batch-size", "4", "--lora-r", "8", "--lora-alpha", "16", "--data", GSM8K]
 
 
+def load_script(name):
+    """A script of toy/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "toy" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     """The model folder (built once, about 40 s, by the script the README documents)."""
-    spec = importlib.util.spec_from_file_location("smollm2", REPO / "toy" / "smollm2.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return str(script.build())
+    return str(load_script("smollm2").build())
 
 
 def losses(out):
@@ -56,7 +61,7 @@ def test_greedy_generation_matches_transformers_and_stops_at_the_end_token(smoll
 
 def test_every_script_runs_two_steps(smollm2, tmp_path, monkeypatch, capsys):
     """sft.py (--full in bfloat16), RFT, grpo.py (bfloat16 base), opsd.py (gradient checkpointing)
-    and common.py eval, 2 steps each with finite losses; OPSD's teacher scores the student's tokens."""
+    and toy/evaluate.py, 2 steps each with finite losses; OPSD's teacher scores the student's tokens."""
     model = ["--model", smollm2]
     sft.main(model + SMALL + ["--full", "--dtype", "bfloat16", "--out", str(tmp_path / "sft")])
     sft.main(model + SMALL + ["--rejection-sampling", "2", "--out", str(tmp_path / "rft")])
@@ -89,7 +94,7 @@ def test_every_script_runs_two_steps(smollm2, tmp_path, monkeypatch, capsys):
     assert f"Here is a reference solution:\n{example['solution']}" in teacher_text
     assert "reference solution" not in student_text
 
-    common.main(["eval", "--model", smollm2, "--adapter", str(common.latest_checkpoint(tmp_path / "grpo")),
+    load_script("evaluate").main(["--model", smollm2, "--adapter", str(common.latest_checkpoint(tmp_path / "grpo")),
                  "--data", GSM8K, "--eval-n", "2", "--k", "2", "--max-new-tokens", "12",
                  "--out", str(tmp_path / "eval.json")])
     result = json.loads((tmp_path / "eval.json").read_text())
