@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from lora import apply_lora, load_lora, save_lora
 
@@ -470,6 +471,46 @@ def sample_next_token(logits, temperature=0.0, top_p=1.0, top_k=0):
     return torch.multinomial(logits.softmax(-1), num_samples=1).squeeze(1)
 
 
+class PreallocatedLayer(DynamicLayer):
+    """One attention layer's KV cache in buffers of [rows, heads, capacity, head_dim] allocated once:
+    each token's keys and values are written in place. transformers' DynamicLayer concatenates
+    instead, which copies the whole cache at every token (a fifth of a small model's sampling time).
+    keys / values are views of the first `length` positions, so attention sees only those."""
+
+    def __init__(self, capacity):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states, value_states):
+        rows, heads, _, _ = key_states.shape
+        self.key_buffer = key_states.new_empty(rows, heads, self.capacity, key_states.shape[-1])
+        self.value_buffer = value_states.new_empty(rows, heads, self.capacity,
+                                                   value_states.shape[-1])
+        self.device, self.is_initialized = key_states.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, self.length = self.length, self.length + key_states.shape[-2]
+        self.key_buffer[:, :, start:self.length] = key_states
+        self.value_buffer[:, :, start:self.length] = value_states
+        self.keys = self.key_buffer[:, :, :self.length]  # views: no copy
+        self.values = self.value_buffer[:, :, :self.length]
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats):
+        self.select_rows(torch.arange(self.key_buffer.shape[0], device=self.device)
+                         .repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices):
+        self.select_rows(indices)
+
+    def select_rows(self, rows):
+        self.key_buffer, self.value_buffer = self.key_buffer[rows], self.value_buffer[rows]
+        self.keys = self.key_buffer[:, :, :self.length]
+        self.values = self.value_buffer[:, :, :self.length]
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
              num_samples=1):
@@ -483,7 +524,6 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     texts (N decoded completions) and num_generated_tokens; N = len(prompts) * num_samples, rows of
     one prompt adjacent.
     """
-    from transformers import DynamicCache
     device = device_of(model)
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=False).to(device)
@@ -491,15 +531,25 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     end_ids = torch.tensor(end_token_ids(model, tokenizer), device=device)
     was_training = model.training
     model.eval()  # no dropout while sampling
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config)  # full-attention layers preallocated, others as they are
+    capacity = prompt_ids.shape[1] + max_new_tokens
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer
+                    for layer in cache.layers]
+    decoder = model.get_decoder()
+
+    def next_token_logits(input_ids, attention_mask, position_ids):  # [rows, V]: at the last position
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, cache=cache, use_cache=True).last_hidden_state
+        return output_logits(model, hidden[:, -1])
+
     positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)  # real tokens only: padding shifts nothing
-    logits = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
-                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = next_token_logits(prompt_ids, prompt_mask, positions)
     cache.batch_repeat_interleave(num_samples)  # the samples of a prompt share its prefix
     logits = logits.repeat_interleave(num_samples, 0)  # [N, V]
-    attention_mask = prompt_mask.repeat_interleave(num_samples, 0)  # [N, P + tokens so far]
+    num_rows, prompt_length = logits.shape[0], prompt_ids.shape[1]
+    attention_mask = torch.cat([prompt_mask.repeat_interleave(num_samples, 0),
+                                prompt_mask.new_ones(num_rows, max_new_tokens)], 1)  # [N, P + T]
     next_position = positions[:, -1:].repeat_interleave(num_samples, 0) + 1  # [N, 1]
-    num_rows = logits.shape[0]
     completion_ids = torch.full((num_rows, max_new_tokens), tokenizer.pad_token_id, device=device)
     lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
     finished = torch.zeros(num_rows, dtype=torch.bool, device=device)
@@ -517,9 +567,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
             cache.batch_select_indices(going_on)
             active, tokens = active[going_on], tokens[going_on]
             attention_mask, next_position = attention_mask[going_on], next_position[going_on]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], 1)
-        logits = model(input_ids=tokens[:, None], attention_mask=attention_mask,
-                       position_ids=next_position, cache=cache, use_cache=True).logits[:, -1]
+        logits = next_token_logits(tokens[:, None], attention_mask[:, :prompt_length + t + 1],
+                                   next_position)
         next_position = next_position + 1
     model.train(was_training)
     completion_ids = completion_ids[:, :int(lengths.max())]

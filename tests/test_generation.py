@@ -162,3 +162,23 @@ def test_greedy_ignores_the_checkpoints_generation_settings(toy_model):
     model.generation_config.no_repeat_ngram_size = 1
     model.generation_config.min_new_tokens = 40
     assert common.generate(model, tokenizer, prompts, max_new_tokens=48)["texts"] == plain["texts"]
+
+
+def test_preallocated_cache_layer_holds_what_transformers_dynamic_layer_holds():
+    """Written in place instead of concatenated, through prefill, row repeats, tokens and rows
+    leaving: the same keys and values, and the same length for the attention mask."""
+    from transformers.cache_utils import DynamicLayer
+    torch.manual_seed(0)
+    ours, theirs = common.PreallocatedLayer(capacity=9), DynamicLayer()
+    prefill = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)  # [rows, heads, positions, dim]
+    steps = [(torch.randn(6, 3, 1, 4), torch.randn(6, 3, 1, 4)),
+             (torch.randn(4, 3, 1, 4), torch.randn(4, 3, 1, 4))]
+    for layer in (ours, theirs):
+        layer.update(*prefill)
+        layer.batch_repeat_interleave(3)
+        layer.update(*steps[0])
+        layer.batch_select_indices(torch.tensor([0, 2, 3, 5]))
+        keys, values = layer.update(*steps[1])
+    assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+    assert ours.keys.shape == (4, 3, 7, 4) and ours.get_seq_length() == theirs.get_seq_length() == 7
+    assert ours.get_mask_sizes(1) == theirs.get_mask_sizes(1)
