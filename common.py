@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from lora import apply_lora, load_lora, save_lora
@@ -646,20 +645,79 @@ def output_logits(model, hidden):
     return cap * torch.tanh(logits / cap) if cap else logits
 
 
-def chunked(function, tensors, chunk_size):
-    """function(*chunk) on `chunk_size` rows of the [n, ...] `tensors` at a time, each chunk under
-    activation checkpointing; the chunks' [c] outputs concatenated: [n].
+class RowwiseChunks(torch.autograd.Function):
+    """`chunked`'s forward and backward passes. The outputs y [n] are one number per row, and row i
+    of y depends on row i of each input x only (a position's loss on its own hidden state), so
+
+        dL/dx_i = dL/dy_i * dy_i/dx_i,    dy_i/dx_i = row i of d(sum_j y_j)/dx    ([n, H] in all)
+
+    The forward pass computes y and those rows a chunk at a time, while the chunk's logits exist,
+    and frees them: the backward pass is one product, with nothing recomputed. Liger-Kernel's fused
+    linear cross-entropy does the same in Triton. A trainable output layer (full fine-tuning) needs
+    dL/dy before its own gradient can be summed over rows, so that gradient is recomputed a chunk at
+    a time in the backward pass.
+    """
+
+    @staticmethod
+    def forward(context, function, chunk_size, num_tensors, *tensors_and_parameters):
+        tensors, parameters = tensors_and_parameters[:num_tensors], tensors_and_parameters[num_tensors:]
+        needs_grad = context.needs_input_grad[3:]  # per tensor, then per parameter
+        outputs, jacobians = [], [[] for _ in tensors]
+        for start in range(0, tensors[0].shape[0] or 1, chunk_size):  # n = 0: one empty chunk
+            chunk = [tensor[start:start + chunk_size].detach().requires_grad_(needs)
+                     for tensor, needs in zip(tensors, needs_grad)]
+            differentiated = [x for x in chunk if x.requires_grad]
+            with torch.enable_grad():
+                output = function(*chunk)  # [c]
+                rows = torch.autograd.grad(output.sum(), differentiated) if differentiated else ()
+            outputs.append(output.detach())
+            rows = iter(rows)
+            for jacobian, needs in zip(jacobians, needs_grad):
+                jacobian.append(next(rows) if needs else None)
+        context.function, context.chunk_size = function, chunk_size
+        context.trained_parameters = [p for p, needs in zip(parameters, needs_grad[num_tensors:])
+                                      if needs]
+        context.save_for_backward(*tensors, *[torch.cat(rows) if rows[0] is not None else None
+                                              for rows in jacobians])
+        return torch.cat(outputs)
+
+    @staticmethod
+    def backward(context, grad_output):  # grad_output: dL/dy [n]
+        saved = context.saved_tensors
+        tensors, jacobians = saved[:len(saved) // 2], saved[len(saved) // 2:]
+        tensor_grads = [None if jacobian is None else
+                        (grad_output[:, None].float() * jacobian.float()).to(jacobian.dtype)
+                        for jacobian in jacobians]
+        trained = context.trained_parameters
+        parameter_grads = [torch.zeros_like(p) for p in trained]
+        if trained:  # a trainable output layer: its gradient, recomputed a chunk at a time
+            for start in range(0, tensors[0].shape[0], context.chunk_size):
+                chunk = [tensor[start:start + context.chunk_size].detach() for tensor in tensors]
+                with torch.enable_grad():
+                    grads = torch.autograd.grad(context.function(*chunk), trained,
+                                                grad_output[start:start + context.chunk_size])
+                for total, grad in zip(parameter_grads, grads):
+                    total += grad
+        parameter_grads = iter(parameter_grads)
+        return (None, None, None, *tensor_grads,
+                *[next(parameter_grads) if needs else None
+                  for needs in context.needs_input_grad[3 + len(tensors):]])
+
+
+def chunked(function, tensors, chunk_size, parameters):
+    """function(*chunk) on `chunk_size` rows of the [n, ...] `tensors` at a time; the chunks' [c]
+    outputs concatenated: [n]. `parameters`: those `function` uses (the output layer's).
 
     The fused linear + loss of Liger-Kernel (its fused linear cross-entropy and JSD, there in
     Triton): `function` makes a chunk's logits from hidden states and reduces them to one number
-    per position at once, so only [chunk_size, V] logits ever exist, and checkpointing recomputes
-    them in the backward pass instead of keeping them (peak: a few [chunk_size, V] float32 tensors).
+    per position at once, so only [chunk_size, V] logits ever exist, and their gradient with respect
+    to the hidden states is taken at once too (`RowwiseChunks`). Peak: a few [chunk_size, V] float32
+    tensors, and one [n, H] tensor per differentiated input.
     """
-    n = tensors[0].shape[0]
-    pieces = [checkpoint(function, *(tensor[start:start + chunk_size] for tensor in tensors),
-                         use_reentrant=False)
-              for start in range(0, n or 1, chunk_size)]  # n = 0: one empty chunk, still a graph
-    return torch.cat(pieces)
+    if not torch.is_grad_enabled():
+        return torch.cat([function(*(tensor[start:start + chunk_size] for tensor in tensors))
+                          for start in range(0, tensors[0].shape[0] or 1, chunk_size)])
+    return RowwiseChunks.apply(function, chunk_size, len(tensors), *tensors, *parameters)
 
 
 def target_logprobs(model, hidden, targets, temperature=1.0, chunk_size=128):
@@ -673,7 +731,8 @@ def target_logprobs(model, hidden, targets, temperature=1.0, chunk_size=128):
     def chunk_logprobs(hidden_chunk, target_chunk):
         logits = output_logits(model, hidden_chunk).float() / temperature  # [c, V]
         return -F.cross_entropy(logits, target_chunk, reduction="none")  # [c]
-    return chunked(chunk_logprobs, [hidden, targets], chunk_size)
+    return chunked(chunk_logprobs, [hidden, targets], chunk_size,
+                   list(model.get_output_embeddings().parameters()))
 
 
 def token_logprobs(model, input_ids, attention_mask, completion_mask, temperature=1.0,

@@ -102,8 +102,8 @@ def pointwise_divergence(student_logits, teacher_logits, beta, temperature, clip
     return entries.sum(-1)
 
 
-def divergence(student_hidden, teacher_hidden, mask, student_output, teacher_output, beta=0.0,
-               temperature=1.0, clip=0.0, chunk_size=128):
+def divergence(student_hidden, teacher_hidden, mask, student_output, teacher_output,
+               student_parameters, beta=0.0, temperature=1.0, clip=0.0, chunk_size=128):
     """Token mean over the completion of the full-vocabulary divergence D(P_T || P_S) (OPSD eq. for
     the full-distribution objective, arXiv 2601.18734; generalized JSD of GKD, arXiv 2306.13649):
 
@@ -112,12 +112,13 @@ def divergence(student_hidden, teacher_hidden, mask, student_output, teacher_out
     student_hidden, teacher_hidden: [N, T, H] final hidden states (`completion_hidden`), aligned so
     position t predicts completion token t; mask: [N, T], 1 on completion tokens (EOS included).
     student_output, teacher_output: their output layers, hidden -> logits (`common.output_logits`;
-    the identity if the inputs are logits already). See `pointwise_divergence` for the formulas and
+    the identity if the inputs are logits already); student_parameters: the parameters of
+    student_output, which get their gradient if they train. See `pointwise_divergence` for the formulas and
     which direction is "forward". Gradients flow into the student only.
 
     Memory: logits exist only for `chunk_size` completion positions at a time, student and teacher
     together (`common.chunked`, the fused linear JSD of Liger-Kernel): never [N, T, V], which with
-    Qwen3's V = 151,936 is 620 MB per 1024 positions in float32; the backward pass recomputes them.
+    Qwen3's V = 151,936 is 620 MB per 1024 positions in float32.
 
     The clip, and why it can hurt: a capped entry j has zero gradient of its own, but through the
     softmax the uncapped entries still push on z_j with d/dz_j = p_S(j) * P_T(uncapped) > 0, i.e.
@@ -130,8 +131,9 @@ def divergence(student_hidden, teacher_hidden, mask, student_output, teacher_out
         return pointwise_divergence(student_output(student_chunk), teacher_logits, beta,
                                     temperature, clip)
     mask = mask.bool()
-    per_position = common.chunked(chunk_divergence, [student_hidden[mask],
-                                                     teacher_hidden[mask].detach()], chunk_size)
+    per_position = common.chunked(chunk_divergence,
+                                  [student_hidden[mask], teacher_hidden[mask].detach()],
+                                  chunk_size, student_parameters)
     return per_position.sum() / mask.sum().clamp(min=1)
 
 
@@ -216,6 +218,7 @@ def main(argv=None):
                 loss = divergence(student_hidden, teacher_hidden, completion_mask,
                                   lambda hidden: common.output_logits(model, hidden),
                                   lambda hidden: common.output_logits(teacher, hidden),
+                                  list(model.get_output_embeddings().parameters()),
                                   args.beta, args.temperature, args.clip, args.chunk_size)
             else:
                 mask, targets = completion_mask.bool(), completion_ids[completion_mask.bool()]

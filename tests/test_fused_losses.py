@@ -125,6 +125,7 @@ def test_opsd_divergence_equals_the_unfused_one(kind, lora, beta, clip):
         return opsd.divergence(student_hidden, teacher_hidden, completion_mask,
                                lambda hidden: common.output_logits(model, hidden),
                                lambda hidden: common.output_logits(teacher, hidden),
+                               list(model.get_output_embeddings().parameters()),
                                beta, temperature, clip, chunk_size=2)
 
     def unfused():
@@ -157,15 +158,17 @@ def test_opsd_sampled_token_loss_equals_the_unfused_one(kind, lora):
     assert_same(model, fused, unfused)
 
 
-def test_the_output_layer_sees_only_completion_positions_a_chunk_at_a_time(monkeypatch):
+@pytest.mark.parametrize("lora,passes", [(True, 1), (False, 2)])
+def test_the_output_layer_sees_only_completion_positions_a_chunk_at_a_time(lora, passes):
     """The memory claim itself: no output-layer call on more than chunk_size positions, and the
-    prompt positions are never sent through it."""
-    model = tiny_model("qwen3-untied", True)
+    prompt positions are never sent through it. The speed claim: with a frozen output layer (LoRA)
+    the backward pass recomputes nothing; a trained one (full fine-tuning) is passed twice."""
+    model = tiny_model("qwen3-untied", lora)
     input_ids, attention_mask, completion_mask = rows()
     widths = []
     head = model.get_output_embeddings()
     head.register_forward_hook(lambda module, inputs, output: widths.append(inputs[0].shape[:-1]))
     logprobs = common.token_logprobs(model, input_ids, attention_mask, completion_mask, chunk_size=3)
-    logprobs.sum().backward()  # the backward pass recomputes the chunks: more calls, same sizes
+    logprobs.sum().backward()
     assert all(len(shape) == 1 and shape[0] <= 3 for shape in widths)
-    assert sum(shape[0] for shape in widths) == 2 * int(completion_mask.sum())  # forward + recompute
+    assert sum(shape[0] for shape in widths) == passes * int(completion_mask.sum())

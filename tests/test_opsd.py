@@ -40,7 +40,7 @@ def slow_divergence(student_logits, teacher_logits, mask, beta, temperature, cli
 
 def logit_divergence(student_logits, teacher_logits, mask, *args, **kwargs):
     """opsd.divergence given logits rather than hidden states: identity output layers."""
-    return opsd.divergence(student_logits, teacher_logits, mask, lambda x: x, lambda x: x,
+    return opsd.divergence(student_logits, teacher_logits, mask, lambda x: x, lambda x: x, [],
                            *args, **kwargs)
 
 
@@ -196,7 +196,7 @@ def heldout_divergence(student, teacher, tokenizer, examples, rollouts):
                                                 rollouts["completion_ids"], rollouts["completion_mask"])
         return opsd.divergence(student_hidden, teacher_hidden, rollouts["completion_mask"],
                                lambda hidden: common.output_logits(student, hidden),
-                               lambda hidden: common.output_logits(teacher, hidden),
+                               lambda hidden: common.output_logits(teacher, hidden), [],
                                temperature=0.7).item()
 
 
