@@ -31,13 +31,18 @@ class InputError(Exception):
     """Bad input from the user (file, field, model name): the scripts print it as one line."""
 
 
+def exit_with_error(message):
+    """One line on stderr and exit code 2: what bad input gets, from argparse or from our checks."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run_cli(main):
     """Run a script's main(), turning an InputError into a one-line message and exit code 2."""
     try:
         main()
     except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(error)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -50,39 +55,44 @@ def add_common_args(parser):
     add = parser.add_argument
     add("--model", default="toy", help="Hugging Face model id or local folder; 'toy' = built-in")
     add("--data", default="toy", help="'toy' or a local .jsonl/.json file of problems")
-    add("--eval-data", default=None, help="held-out file (default: a fixed slice of --data)")
-    add("--out", default=None, help="output folder (default: out/<script>)")
+    add("--eval-data", default=None, help="held-out file; if none, a fixed slice of --data")
+    add("--out", default=None, help="output folder; if none, out/<method>")
+    add("--overwrite", action="store_true",
+        help="replace the run already in --out (its checkpoints, metrics and summary)")
+    add("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    add("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    add("--keep-checkpoints", type=int, default=2, help="the newest N checkpoints are kept")
     add("--steps", type=int, default=100, help="total optimizer steps")
     add("--batch-size", "--prompts-per-step", type=int, default=32,
         help="prompts per step (per process under torchrun)")
     add("--micro-batch-size", type=int, default=16,
         help="rows per forward and backward pass; a step accumulates the gradients of its "
              "micro-batches (0: all rows of the step at once)")
-    add("--lr", type=float, default=5e-6)
-    add("--warmup-steps", type=int, default=0)
-    add("--schedule", choices=["cosine", "constant"], default="cosine")
-    add("--weight-decay", type=float, default=0.0)
-    add("--max-grad-norm", type=float, default=1.0)
-    add("--seed", type=int, default=0)
-    add("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    add("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    add("--lr", type=float, default=5e-6, help="peak learning rate of AdamW")
+    add("--warmup-steps", type=int, default=0, help="steps of linear warmup from 0 to --lr")
+    add("--schedule", choices=["cosine", "constant"], default="cosine",
+        help="the learning rate after warmup: cosine decay to 0, or constant")
+    add("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    add("--max-grad-norm", type=float, default=1.0, help="gradient norm clipping")
+    add("--seed", type=int, default=0, help="data order, LoRA initialisation and sampling")
     add("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    add("--lora-r", type=int, default=64)
-    add("--lora-alpha", type=int, default=128)
-    add("--lora-dropout", type=float, default=0.0)
+    add("--lora-r", type=int, default=64, help="LoRA rank")
+    add("--lora-alpha", type=int, default=128, help="LoRA scale numerator: updates scale by alpha/r")
+    add("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA path's input")
     add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
         help="recompute each layer's activations in the backward pass instead of keeping them")
     add("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
         help="compute precision (auto: bfloat16 on CUDA, float32 on CPU); --full keeps its weights "
              "in float32 and computes in --dtype under autocast")
-    add("--max-new-tokens", type=int, default=1024)
+    add("--max-new-tokens", type=int, default=1024,
+        help="longest completion, sampled or trained on, in tokens")
     add("--chunk-size", type=int, default=128,
         help="completion positions per chunk of the output layer and loss (memory: a few "
              "[chunk, vocabulary] float32 tensors)")
     add("--temperature", type=float, default=1.0, help="sampling of the model's own completions")
-    add("--top-p", type=float, default=1.0)
-    add("--top-k", type=int, default=0, help="0: no top-k")
-    add("--eval-n", type=int, default=500, help="held-out problems to evaluate on")
+    add("--top-p", type=float, default=1.0, help="nucleus sampling of them (1: off)")
+    add("--top-k", type=int, default=0, help="top-k sampling of them (0: off)")
+    add("--eval-n", type=int, default=500, help="held-out problems to evaluate on (0: none)")
     add("--eval-batch-size", type=int, default=64, help="rows per generate call in evaluation")
     add("--eval-every", type=int, default=0, help="greedy held-out accuracy every N steps (0: off)")
     add("--eval-k", type=int, default=0,
@@ -97,27 +107,59 @@ def add_common_args(parser):
 TOY_COMMON_SETTINGS = {"max_new_tokens": 64, "eval_batch_size": 256, "eval_temperature": 0.7,
                      "micro_batch_size": 0, "gradient_checkpointing": False}
 
+# What each number must be, for every script that has the flag: name -> (test, what it must be).
+# A script adds the ranges of its own flags. Checked before anything slow (`parse_args`).
+RANGES = {
+    "steps": (lambda v: v >= 1, "at least 1"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "micro_batch_size": (lambda v: v >= 0, "at least 0 (0: all rows of a step at once)"),
+    "lr": (lambda v: v > 0, "positive"),
+    "warmup_steps": (lambda v: v >= 0, "at least 0"),
+    "weight_decay": (lambda v: v >= 0, "at least 0"),
+    "max_grad_norm": (lambda v: v > 0, "positive"),
+    "save_every": (lambda v: v >= 0, "at least 0 (0: only at the end)"),
+    "keep_checkpoints": (lambda v: v >= 1, "at least 1"),
+    "lora_r": (lambda v: v >= 1, "at least 1"),
+    "lora_alpha": (lambda v: v > 0, "positive"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "max_new_tokens": (lambda v: v >= 1, "at least 1"),
+    "chunk_size": (lambda v: v >= 1, "at least 1"),
+    "temperature": (lambda v: v >= 0, "at least 0 (0: greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (lambda v: v >= 0, "at least 0 (0: off)"),
+    "eval_n": (lambda v: v >= 0, "at least 0 (0: no held-out evaluation)"),
+    "eval_batch_size": (lambda v: v >= 1, "at least 1"),
+    "eval_every": (lambda v: v >= 0, "at least 0 (0: off)"),
+    "eval_k": (lambda v: v >= 0, "at least 0 (0: greedy accuracy only)"),
+    "eval_temperature": (lambda v: v > 0, "positive"),
+}
 
-def parse_args(parser, argv, toy_settings):
+
+def parse_args(parser, argv, toy_settings, ranges=None):
     """Parse the command line; with the built-in toy model, `toy_settings` replace the defaults
-    (flags given on the command line still win).
+    (flags given on the command line still win). Every number is checked against RANGES and the
+    script's own `ranges`: a bad one stops here, in one line, before anything slow.
 
     The defaults of the scripts follow the papers' settings for real LLMs; a 1M-parameter model needs
-    others (a higher learning rate, a smaller LoRA rank, a lower sampling temperature).
+    others (a higher learning rate, a smaller LoRA rank, a lower sampling temperature). --help
+    shows both.
     """
+    toy = {**toy_settings, **TOY_COMMON_SETTINGS}
+    for action in parser._actions:  # --help: "... (default: 5e-06; toy: 0.0005)"
+        if action.help and action.dest in toy:
+            action.help += f" (default: %(default)s; toy: {toy[action.dest]})"
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # the others' defaults
+    parser.error = lambda message: exit_with_error(f"{message} (see --help)")  # one line
     args = parser.parse_args(argv)
     if args.model == "toy":
-        settings = {key: value for key, value in {**toy_settings, **TOY_COMMON_SETTINGS}.items()
-                    if hasattr(args, key)}
+        settings = {key: value for key, value in toy.items() if hasattr(args, key)}
         parser.set_defaults(**settings)
         args = parser.parse_args(argv)
         print("toy settings: " + ", ".join(f"{key}={value}" for key, value in settings.items()
                                            if getattr(args, key) == value))
-    if getattr(args, "chunk_size", 1) < 1 or getattr(args, "micro_batch_size", 0) < 0:
-        raise InputError("--chunk-size must be >= 1 and --micro-batch-size >= 0 (0: all rows)")
-    if getattr(args, "eval_k", 0) > 0 and args.eval_temperature <= 0:
-        raise InputError("--eval-k samples: give it --eval-temperature > 0 (greedy accuracy is "
-                         "always measured)")
+    for name, (valid, must_be) in {**RANGES, **(ranges or {})}.items():
+        if hasattr(args, name) and not valid(getattr(args, name)):
+            raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {must_be}")
     return args
 
 
@@ -471,26 +513,29 @@ def sample_next_token(logits, temperature=0.0, top_p=1.0, top_k=0):
 
 
 class PreallocatedLayer(DynamicLayer):
-    """One attention layer's KV cache in buffers of [rows, heads, capacity, head_dim] allocated once:
-    each token's keys and values are written in place. transformers' DynamicLayer concatenates
-    instead, which copies the whole cache at every token (a fifth of a small model's sampling time).
-    keys / values are views of the first `length` positions, so attention sees only those."""
+    """One attention layer's KV cache in buffers of [rows, heads, capacity, head_dim], written in
+    place. transformers' DynamicLayer concatenates instead, which copies the whole cache at every
+    token (a fifth of a small model's sampling time). When full, the buffers double (up to
+    `max_length`), so each position is copied about once more in all, and the cache grows only as
+    long as the longest row. keys / values are views of the first `length` positions: attention
+    sees only those. Only what `generate` calls is adapted (update, repeating and selecting rows);
+    DynamicLayer's crop, reset and offloading do not know the buffers."""
 
-    def __init__(self, capacity):
+    def __init__(self, max_length):
         super().__init__()
-        self.capacity, self.length = capacity, 0
+        self.max_length, self.length = max_length, 0
 
     def lazy_initialization(self, key_states, value_states):
-        rows, heads, _, _ = key_states.shape
-        self.key_buffer = key_states.new_empty(rows, heads, self.capacity, key_states.shape[-1])
-        self.value_buffer = value_states.new_empty(rows, heads, self.capacity,
-                                                   value_states.shape[-1])
+        self.key_buffer, self.value_buffer = key_states[:, :, :0], value_states[:, :, :0]
         self.device, self.is_initialized = key_states.device, True
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start, self.length = self.length, self.length + key_states.shape[-2]
+        if self.length > self.key_buffer.shape[2]:  # full: double
+            capacity = min(max(2 * self.key_buffer.shape[2], self.length), self.max_length)
+            self.reallocate(torch.arange(key_states.shape[0], device=self.device), capacity, start)
         self.key_buffer[:, :, start:self.length] = key_states
         self.value_buffer[:, :, start:self.length] = value_states
         self.keys = self.key_buffer[:, :, :self.length]  # views: no copy
@@ -498,16 +543,21 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
     def batch_repeat_interleave(self, repeats):
-        self.select_rows(torch.arange(self.key_buffer.shape[0], device=self.device)
-                         .repeat_interleave(repeats))
+        rows = torch.arange(self.key_buffer.shape[0], device=self.device)
+        self.batch_select_indices(rows.repeat_interleave(repeats))
 
     def batch_select_indices(self, indices):
-        self.select_rows(indices)
-
-    def select_rows(self, rows):
-        self.key_buffer, self.value_buffer = self.key_buffer[rows], self.value_buffer[rows]
+        self.reallocate(indices, self.key_buffer.shape[2], self.length)
         self.keys = self.key_buffer[:, :, :self.length]
         self.values = self.value_buffer[:, :, :self.length]
+
+    def reallocate(self, rows, capacity, filled):
+        """New buffers of `capacity` positions holding the first `filled` positions of `rows`."""
+        for name in ("key_buffer", "value_buffer"):
+            old = getattr(self, name)
+            new = old.new_empty(len(rows), old.shape[1], capacity, old.shape[3])
+            new[:, :, :filled] = old[rows, :, :filled]
+            setattr(self, name, new)
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all: 4% faster than no_grad on the tiny model
@@ -531,8 +581,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     was_training = model.training
     model.eval()  # no dropout while sampling
     cache = DynamicCache(config=model.config)  # full-attention layers preallocated, others as they are
-    capacity = prompt_ids.shape[1] + max_new_tokens
-    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer
+    max_length = prompt_ids.shape[1] + max_new_tokens
+    cache.layers = [PreallocatedLayer(max_length) if type(layer) is DynamicLayer else layer
                     for layer in cache.layers]
     decoder = model.get_decoder()
 
@@ -664,7 +714,8 @@ class RowwiseChunks(torch.autograd.Function):
     @staticmethod
     def forward(context, function, chunk_size, num_tensors, *tensors_and_parameters):
         tensors, parameters = tensors_and_parameters[:num_tensors], tensors_and_parameters[num_tensors:]
-        needs_grad = context.needs_input_grad[3:]  # per tensor, then per parameter
+        needs_grad = context.needs_input_grad[3:]  # after the 3 non-tensor arguments above
+        trained = [p for p, needs in zip(parameters, needs_grad[num_tensors:]) if needs]
         outputs, jacobians = [], [[] for _ in tensors]
         for start in range(0, tensors[0].shape[0] or 1, chunk_size):  # n = 0: one empty chunk
             chunk = [tensor[start:start + chunk_size].detach().requires_grad_(needs)
@@ -672,44 +723,45 @@ class RowwiseChunks(torch.autograd.Function):
             differentiated = [x for x in chunk if x.requires_grad]
             with torch.enable_grad():
                 output = function(*chunk)  # [c]
-                rows = torch.autograd.grad(output.sum(), differentiated) if differentiated else ()
-            outputs.append(output.detach())
-            rows = iter(rows)
-            for jacobian, needs in zip(jacobians, needs_grad):
-                jacobian.append(next(rows) if needs else None)
-        context.function, context.chunk_size = function, chunk_size
-        context.trained_parameters = [p for p, needs in zip(parameters, needs_grad[num_tensors:])
-                                      if needs]
-        context.save_for_backward(*tensors, *[torch.cat(rows) if rows[0] is not None else None
-                                              for rows in jacobians])
+                grads = iter(torch.autograd.grad(output.sum(), differentiated)
+                             if differentiated else ())
+            outputs.append(output.detach())  # the chunk's logits are freed here
+            for jacobian, x in zip(jacobians, chunk):
+                jacobian.append(next(grads) if x.requires_grad else None)
+        context.function, context.chunk_size, context.trained = function, chunk_size, trained
+        context.num_tensors = num_tensors
+        context.save_for_backward(*[torch.cat(rows) if rows[0] is not None else None
+                                    for rows in jacobians],
+                                  *(tensors if trained else ()))  # inputs: only to recompute
         return torch.cat(outputs)
 
     @staticmethod
     def backward(context, grad_output):  # grad_output: dL/dy [n]
-        saved = context.saved_tensors
-        tensors, jacobians = saved[:len(saved) // 2], saved[len(saved) // 2:]
-        tensor_grads = [None if jacobian is None else
-                        (grad_output[:, None].float() * jacobian.float()).to(jacobian.dtype)
+        saved, num_tensors = context.saved_tensors, context.num_tensors
+        jacobians, tensors = saved[:num_tensors], saved[num_tensors:]  # tensors: if it trains
+        tensor_grads = [None if jacobian is None else  # dL/dy_i times row i, in float32
+                        (grad_output.view(-1, *[1] * (jacobian.dim() - 1)).float()
+                         * jacobian.float()).to(jacobian.dtype)
                         for jacobian in jacobians]
-        trained = context.trained_parameters
-        parameter_grads = [torch.zeros_like(p) for p in trained]
-        if trained:  # a trainable output layer: its gradient, recomputed a chunk at a time
+        parameter_grads = [torch.zeros_like(p) for p in context.trained]
+        if context.trained:  # a trainable output layer: its gradient, recomputed a chunk at a time
             for start in range(0, tensors[0].shape[0], context.chunk_size):
                 chunk = [tensor[start:start + context.chunk_size].detach() for tensor in tensors]
                 with torch.enable_grad():
-                    grads = torch.autograd.grad(context.function(*chunk), trained,
+                    grads = torch.autograd.grad(context.function(*chunk), context.trained,
                                                 grad_output[start:start + context.chunk_size])
                 for total, grad in zip(parameter_grads, grads):
                     total += grad
         parameter_grads = iter(parameter_grads)
         return (None, None, None, *tensor_grads,
                 *[next(parameter_grads) if needs else None
-                  for needs in context.needs_input_grad[3 + len(tensors):]])
+                  for needs in context.needs_input_grad[3 + num_tensors:]])
 
 
 def chunked(function, tensors, chunk_size, parameters):
     """function(*chunk) on `chunk_size` rows of the [n, ...] `tensors` at a time; the chunks' [c]
-    outputs concatenated: [n]. `parameters`: those `function` uses (the output layer's).
+    outputs concatenated: [n]. Output i may depend on row i of the tensors only. `parameters`: every
+    parameter `function` uses (the output layer's); one left out gets no gradient if it trains.
 
     The fused linear + loss of Liger-Kernel (its fused linear cross-entropy and JSD, there in
     Triton): `function` makes a chunk's logits from hidden states and reduces them to one number
@@ -853,6 +905,8 @@ def evaluate(model, tokenizer, examples, max_new_tokens, batch_size=64, message=
 
 def describe(result):
     """One line for an `evaluate` result: 'held-out accuracy 0.444 (n=500)  mean@8 0.41 ...'."""
+    if result["n"] == 0:
+        return "no held-out evaluation (--eval-n 0)"
     extra = "".join(f"  {key} {value:.3f}" for key, value in result.items() if "@" in key)
     return f"held-out accuracy {result['accuracy']:.3f} (n={result['n']}){extra}"
 
@@ -922,9 +976,9 @@ def write_checkpoint(out, final, step, model, tokenizer, optimizer, scheduler, s
     tmp.mkdir(parents=True)
     if args.full:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    else:
-        save_lora(model, tmp, base_model=args.model)
+    else:  # PEFT's AutoPeftModel loads the base from the path or hub id recorded here
+        save_lora(model, tmp, base_model=str(TOY_DIR / "model") if args.model == "toy" else args.model)
+    tokenizer.save_pretrained(tmp)  # the folder alone is enough to evaluate or serve it
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng_states}, tmp / "trainer_state.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
@@ -934,9 +988,8 @@ def write_checkpoint(out, final, step, model, tokenizer, optimizer, scheduler, s
             os.fsync(handle.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in out.glob("checkpoint-*"):
-        if old != final:
-            shutil.rmtree(old)
+    for old in sorted(out.glob("checkpoint-*"))[:-args.keep_checkpoints]:  # names sort by step
+        shutil.rmtree(old)
 
 
 def save_every(args, step, model, tokenizer, optimizer, scheduler, state):
@@ -979,6 +1032,51 @@ def load_checkpoint(folder, model, optimizer, scheduler, full):
 # ----------------------------------------------------------------------------------------------
 # The parts of a run that every method shares: before the first step, the optimizer step, the end
 
+RUN_FILES = ("metrics.jsonl", "summary.json", "runs.jsonl")  # besides checkpoint-* folders
+
+
+def prepare_out(args):
+    """Make --out this run's folder without touching another run's files.
+
+    A folder that holds a run (checkpoints, metrics, summary) stops the script in one line unless
+    --resume continues that run or --overwrite replaces it (removing those files, no others).
+    --resume refuses a checkpoint of another method, model or LoRA shape. Then this run's method,
+    command line, start time and arguments are appended to runs.jsonl: every run of the folder,
+    resumed ones too.
+    """
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file: give a folder")
+    if args.resume and args.overwrite:
+        raise InputError("--resume continues the run in --out, --overwrite replaces it: give one")
+    existing = sorted(out.glob("checkpoint-*")) + [out / name for name in RUN_FILES
+                                                   if (out / name).exists()]
+    if existing and not (args.resume or args.overwrite):
+        raise InputError(f"--out {out} holds a run ({existing[0].name}): continue it with --resume, "
+                         "give another --out, or replace it with --overwrite")
+    checkpoint = latest_checkpoint(out) if args.resume else None
+    if checkpoint and (checkpoint / "args.json").exists():
+        saved = json.loads((checkpoint / "args.json").read_text())
+        compared = ["method", "model", "full"] + ([] if args.full else ["lora_r", "lora_alpha"])
+        for name in compared:
+            if name in saved and saved[name] != getattr(args, name):
+                what = name if name == "method" else "--" + name.replace("_", "-")
+                raise InputError(f"--resume: {checkpoint} was trained with {what} {saved[name]}, "
+                                 f"this run has {getattr(args, name)}: resume with the same, or "
+                                 "give another --out")
+    if dist.is_initialized():
+        dist.barrier()  # every rank has looked at --out before rank 0 changes it
+    if rank() == 0:
+        for path in existing if args.overwrite else []:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "runs.jsonl", "a") as runs:
+            runs.write(json.dumps({"method": args.method, "command": sys.argv, "started":
+                                   time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": vars(args)}) + "\n")
+    if dist.is_initialized():
+        dist.barrier()  # no rank reads --out before it is ready
+
+
 def start_run(args, updates_per_step=1):
     """Data, model (+ LoRA unless --full), optimizer and schedule; then resume from the latest
     checkpoint in --out, or evaluate the starting model on the held-out split ("before").
@@ -989,6 +1087,7 @@ def start_run(args, updates_per_step=1):
     """
     started = time.time()
     init_distributed()
+    prepare_out(args)  # before anything slow
     random.seed(args.seed)
     torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank
     train_examples = load_examples(args.data, "train")  # bad data fails before the slow load
@@ -1010,7 +1109,8 @@ def start_run(args, updates_per_step=1):
         torch.manual_seed(args.seed + rank())  # each rank samples its rollouts from its own stream
 
     step, state = 0, {"data_position": 0, "train_tokens": 0, "generated_tokens": 0,
-                      "wall_seconds": 0.0, "eval_seconds": 0.0}
+                      "wall_seconds": 0.0, "eval_seconds": 0.0,
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     checkpoint = latest_checkpoint(args.out) if args.resume else None
     if checkpoint:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, args.full)
@@ -1060,20 +1160,28 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm):
     return float(grad_norm)
 
 
-def finish_run(args, method, model, tokenizer, optimizer, scheduler, step, state, eval_examples):
-    """Evaluate "after", save the final checkpoint and write summary.json."""
+def finish_run(args, model, tokenizer, optimizer, scheduler, step, state, eval_examples):
+    """Evaluate "after", save the final checkpoint and write summary.json: what was trained on
+    what, with which arguments, the result before and after, the last step's loss, the cost."""
     started = time.time()
     after = run_evaluation(args, model, tokenizer, eval_examples, state, args.eval_k)
     print(f"after: {describe(after)}, before {state['before']['accuracy']:.3f}")
     state["wall_seconds"] += time.time() - started
     folder = save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler, state, args)
     print(f"saved {'model' if args.full else 'adapter'} to {folder}")
+    metrics = Path(args.out) / "metrics.jsonl"
+    rows = metrics.read_text().splitlines() if rank() == 0 and metrics.exists() else []
     write_summary(args.out, {
-        "method": method, "before": state["before"], "after": after, "steps": step,
+        "method": args.method, "model": args.model, "data": args.data,
+        "eval_data": args.eval_data or f"{args.data} (held-out slice)",
+        "before": state["before"], "after": after, "steps": step,
+        "final_loss": json.loads(rows[-1]).get("loss") if rows else None,
         "train_tokens": state["train_tokens"], "generated_tokens": state["generated_tokens"],
         "wall_seconds": round(state["wall_seconds"], 1),
         "eval_seconds": round(state["eval_seconds"], 1),
-        **({"cut_solutions": state["cut_solutions"]} if "cut_solutions" in state else {})})
+        **({"cut_solutions": state["cut_solutions"]} if "cut_solutions" in state else {}),
+        "started": state.get("started"), "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "args": vars(args)})
 
 
 # ----------------------------------------------------------------------------------------------

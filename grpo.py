@@ -10,8 +10,9 @@ then maximise the clipped surrogate over completion tokens, rho_t = pi(o_t) / pi
 
     L = -agg[ min(rho_t * A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) * A_i) - beta * KL_t ]
 
-This is GRPO as the OPSD paper (arXiv 2601.18734) ran it as its RL baseline (TRL's defaults: beta 0,
-one policy update per rollout batch, "grpo" aggregation), with the well-known corrections as switches:
+This is GRPO as the OPSD paper (arXiv 2601.18734) ran it as its RL baseline (beta 0 and one policy
+update per rollout batch, as TRL's defaults; the "grpo" aggregation, which TRL 1.16 no longer
+defaults to: its default is "dapo"), with the well-known corrections as switches:
 - `--scale-rewards none` (Dr. GRPO, arXiv 2503.20783): no division by the group's std, which
   over-weights groups that are almost all right or all wrong.
 - `--loss-type` chooses how token terms are averaged (see `policy_loss`): `grpo` divides each
@@ -46,23 +47,31 @@ def parse_args(argv=None):
     common.add_common_args(parser)
     add = parser.add_argument
     add("--num-generations", type=int, default=8, help="completions per prompt (group size G)")
-    add("--scale-rewards", choices=["group", "none"], default="group")
+    add("--scale-rewards", choices=["group", "none"], default="group",
+        help="group: divide each advantage by its group's reward std; none: do not (Dr. GRPO)")
     add("--skip-zero-std", action="store_true", help="drop groups whose rewards are all equal")
-    add("--loss-type", choices=["grpo", "dr_grpo", "dapo"], default="grpo")
+    add("--loss-type", choices=["grpo", "dr_grpo", "dapo"], default="grpo",
+        help="averaging: grpo, per completion then over completions; dr_grpo, over "
+             "completions x --max-new-tokens; dapo, over all tokens of the step")
     add("--num-iterations", type=int, default=1,
         help="optimizer updates per batch of rollouts (mu); --steps counts rollout batches")
     add("--beta", type=float, default=0.0, help="KL penalty to the base model (k3 estimator)")
-    add("--epsilon-low", type=float, default=0.2)
-    add("--epsilon-high", type=float, default=0.2)
+    add("--epsilon-low", type=float, default=0.2, help="PPO clip: ratio >= 1 - epsilon-low")
+    add("--epsilon-high", type=float, default=0.2, help="PPO clip: ratio <= 1 + epsilon-high")
     add("--format-reward", type=float, default=0.0,
         help="extra reward for a completion with a parsable final answer (off by default)")
     parser.set_defaults(lr=2e-5)  # the OPSD paper's GRPO baseline
-    args = common.parse_args(parser, argv, TOY_SETTINGS)
+    args = common.parse_args(parser, argv, TOY_SETTINGS, ranges={
+        "num_generations": (lambda v: v >= 2, "at least 2: advantages compare a group's rewards"),
+        "num_iterations": (lambda v: v >= 1, "at least 1"),
+        "beta": (lambda v: v >= 0, "at least 0"),
+        "epsilon_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "epsilon_high": (lambda v: v >= 0, "at least 0"),
+        "temperature": (lambda v: v > 0, "positive: GRPO samples its rollouts")})
     if args.beta > 0 and args.full:
         raise common.InputError("--beta > 0 needs a reference model: use LoRA (the base is the "
                                 "reference), not --full")
-    if args.temperature <= 0:
-        raise common.InputError("--temperature must be > 0: GRPO samples its rollouts")
+    args.method = "grpo"
     args.out = args.out or "out/grpo"
     args.micro_batch_size = args.micro_batch_size or args.batch_size * args.num_generations
     return args
@@ -239,7 +248,7 @@ def main(argv=None):
         common.log_step(metrics_file, metrics, args.steps,
                         (time.time() - loop_start) / (step - first_step))
         common.save_every(args, step, model, tokenizer, optimizer, scheduler, state)
-    common.finish_run(args, "grpo", model, tokenizer, optimizer, scheduler, step, state,
+    common.finish_run(args, model, tokenizer, optimizer, scheduler, step, state,
                       eval_examples)
 
 

@@ -3,7 +3,7 @@
 A frozen linear layer W gets a trainable low-rank update:  y = W x + (alpha / r) * B A dropout(x),
 A: [r, in] Kaiming-uniform, B: [out, r] zeros, so training starts from exactly the base model.
 Adapters are saved in PEFT's layout and key names (adapter_model.safetensors + adapter_config.json),
-so `peft.PeftModel.from_pretrained` and vLLM load them.
+so `peft.PeftModel.from_pretrained` loads them (checked with PEFT 0.21.2).
 """
 import json
 import math

@@ -64,10 +64,13 @@ def parse_args(argv=None):
         help="cap on each vocabulary entry of the pointwise divergence (0: no cap)")
     # The OPSD paper's settings; both logits of the divergence are divided by the temperature.
     parser.set_defaults(lr=5e-6, max_grad_norm=0.1, temperature=1.1, top_p=0.95, top_k=20)
-    args = common.parse_args(parser, argv, TOY_SETTINGS)
-    if args.temperature <= 0:
-        raise common.InputError("--temperature must be > 0: the student samples its completions "
-                                "and both distributions are softmax(logits / temperature)")
+    args = common.parse_args(parser, argv, TOY_SETTINGS, ranges={
+        "num_generations": (lambda v: v >= 1, "at least 1"),
+        "beta": (lambda v: 0 <= v <= 1, "in [0, 1]: 0 forward KL, 1 reverse KL"),
+        "clip": (lambda v: v >= 0, "at least 0 (0: no cap)"),
+        "temperature": (lambda v: v > 0, "positive: the student samples its completions and both "
+                                         "distributions are softmax(logits / temperature)")})
+    args.method = "opsd"
     args.out = args.out or "out/opsd"
     args.micro_batch_size = args.micro_batch_size or args.batch_size * args.num_generations
     return args
@@ -250,7 +253,7 @@ def main(argv=None):
             **common.periodic_evaluation(args, step, model, tokenizer, eval_examples, state),
         }, args.steps, (time.time() - loop_start) / (step - first_step))
         common.save_every(args, step, model, tokenizer, optimizer, scheduler, state)
-    common.finish_run(args, "opsd", model, tokenizer, optimizer, scheduler, step, state,
+    common.finish_run(args, model, tokenizer, optimizer, scheduler, step, state,
                       eval_examples)
 
 

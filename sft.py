@@ -41,11 +41,13 @@ def parse_args(argv=None):
     parser.add_argument("--rejection-sampling", type=int, default=0, metavar="K",
                         help="train on the correct ones of K samples per question from the "
                              "current model instead of the references (0: plain SFT)")
-    args = common.parse_args(parser, argv, TOY_SETTINGS)
+    args = common.parse_args(parser, argv, TOY_SETTINGS, ranges={
+        "rejection_sampling": (lambda v: v >= 0, "at least 0 (0: plain SFT)")})
     if args.rejection_sampling and args.temperature <= 0:
         raise common.InputError("--rejection-sampling needs --temperature > 0 (K greedy samples "
                                 "would all be the same)")
-    args.out = args.out or ("out/rft" if args.rejection_sampling else "out/sft")
+    args.method = "rft" if args.rejection_sampling else "sft"
+    args.out = args.out or f"out/{args.method}"
     args.micro_batch_size = args.micro_batch_size or args.batch_size * max(1, args.rejection_sampling)
     args.num_generations = args.rejection_sampling  # what common.sample_rollouts draws
     return args
@@ -145,8 +147,7 @@ def main(argv=None):
             **common.periodic_evaluation(args, step, model, tokenizer, eval_examples, state),
         }, args.steps, (time.time() - loop_start) / (step - first_step))
         common.save_every(args, step, model, tokenizer, optimizer, scheduler, state)
-    common.finish_run(args, "rft" if args.rejection_sampling else "sft", model, tokenizer,
-                      optimizer, scheduler, step, state, eval_examples)
+    common.finish_run(args, model, tokenizer, optimizer, scheduler, step, state, eval_examples)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, toy_model, monkeypa
     apply_lora(model, 4, 8)
     optimizer = common.make_optimizer(model, 1e-3, 0.0)
     scheduler = common.make_scheduler(optimizer, 0, 10)
-    args = argparse.Namespace(full=False, model="toy")
+    args = argparse.Namespace(full=False, model="toy", keep_checkpoints=1)
     common.save_checkpoint(tmp_path, 2, model, tokenizer, optimizer, scheduler, {"data_position": 4}, args)
 
     def disk_full(*_, **__):
@@ -75,9 +75,9 @@ def test_eval_split_is_held_out(tmp_path):
     eval_file.write_text("".join(json_module.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n"
                                  for i in range(7)))
     toy_test = {e["question"] for e in common.load_examples("toy", "test")}
-    for eval_data, expected in [(None, toy_test), ("toy", toy_test),
-                                (str(eval_file), {f"q{i}" for i in range(7)})]:
-        args = sft.parse_args(["--steps", "0", "--eval-n", "1000", "--out", str(tmp_path / "o")]
+    for number, (eval_data, expected) in enumerate([(None, toy_test), ("toy", toy_test),
+                                                    (str(eval_file), {f"q{i}" for i in range(7)})]):
+        args = sft.parse_args(["--steps", "1", "--eval-n", "1000", "--out", str(tmp_path / str(number))]
                               + (["--eval-data", eval_data] if eval_data else []))
         _, _, _, eval_examples, *_ = common.start_run(args)
         assert {e["question"] for e in eval_examples} == expected

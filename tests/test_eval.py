@@ -78,7 +78,7 @@ def test_eval_command_writes_the_metrics_of_a_model_and_adapter(toy, tmp_path):
     for layer in lora.lora_layers(adapted):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.05)  # an adapter that changes the outputs
     lora.save_lora(adapted, tmp_path / "adapter")
-    evaluate.main(["--adapter", str(tmp_path / "adapter"), "--eval-n", "16", "--k", "2"])
+    evaluate.main(["--adapter", str(tmp_path / "adapter"), "--eval-n", "16", "--eval-k", "2"])
     result = json.loads((tmp_path / "adapter" / "eval.json").read_text())
     examples = common.load_examples("toy", "test")[:16]
     expected = common.evaluate(adapted, tokenizer, examples, 64)["accuracy"]
@@ -86,18 +86,18 @@ def test_eval_command_writes_the_metrics_of_a_model_and_adapter(toy, tmp_path):
     assert {"mean@2", "pass@2", "maj@2", "more_than_half@2"} <= set(result)
     # The base model on a local JSONL file (real GSM8K records): all of its records by default.
     fixture = str(Path(__file__).parent / "fixtures" / "gsm8k_sample.jsonl")
-    evaluate.main(["--data", fixture, "--k", "0", "--out", str(tmp_path / "base.json")])
-    base = json.loads((tmp_path / "base.json").read_text())
+    evaluate.main(["--data", fixture, "--eval-k", "0", "--out", str(tmp_path / "base")])
+    base = json.loads((tmp_path / "base" / "eval.json").read_text())
     records = common.read_records(fixture)
     assert base["n"] == len(records) and "mean@2" not in base
     assert base["accuracy"] == common.evaluate(model, tokenizer, records, 64)["accuracy"]
 
 
-def fake_run(folder, method, before, after, generated_tokens, curve):
+def fake_run(folder, method, before, after, generated_tokens, curve, args=None):
     folder.mkdir()
     summary = {"method": method, "before": before, "after": after, "steps": 10,
                "train_tokens": 1000, "generated_tokens": generated_tokens, "wall_seconds": 70.0,
-               "eval_seconds": 20.0}
+               "eval_seconds": 20.0, **({"args": args} if args else {})}
     (folder / "summary.json").write_text(json.dumps(summary))
     rows = [{"step": step, "loss": 1.0, "generated_tokens": tokens, **({"eval_accuracy": accuracy}
              if accuracy is not None else {})} for step, (tokens, accuracy) in enumerate(curve, 1)]
@@ -136,6 +136,17 @@ def test_compare_prints_mean_and_spread_over_seeds(tmp_path, capsys):
         assert plot.stat().st_size > 1000
     except ImportError:
         assert not plot.exists()
+
+
+def test_compare_groups_runs_by_the_settings_that_differ_not_by_seed(tmp_path, capsys):
+    before = {"accuracy": 0.4, "n": 100}
+    runs = [fake_run(tmp_path / f"r{i}", "sft", before, {"accuracy": accuracy, "n": 100}, 0,
+                     [(0, None)], {"steps": steps, "lr": 1e-3, "seed": seed, "out": f"r{i}"})
+            for i, (steps, seed, accuracy) in enumerate([(1, 0, 0.4), (2, 0, 0.5), (2, 1, 0.7)])]
+    compare.main([*runs, "--plot", str(tmp_path / "compare.png")])
+    table = {line.split("|")[1].strip(): line.split("|")[2].strip()
+             for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert table["sft --steps 1"] == "1" and table["sft --steps 2"] == "2"  # runs in each group
 
 
 def test_compare_names_a_folder_without_a_summary(tmp_path):

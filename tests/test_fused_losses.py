@@ -172,3 +172,20 @@ def test_the_output_layer_sees_only_completion_positions_a_chunk_at_a_time(lora,
     logprobs.sum().backward()
     assert all(len(shape) == 1 and shape[0] <= 3 for shape in widths)
     assert sum(shape[0] for shape in widths) == passes * int(completion_mask.sum())
+
+
+@pytest.mark.parametrize("shape", [(7,), (7, 3, 4), (5, 5, 2)])
+def test_chunked_gradients_equal_autograd_for_rows_of_any_shape(shape):
+    """dL/dx_i = dL/dy_i * dy_i/dx_i for rows of any shape, chunks cutting across them (and a
+    square [5, 5, 2], where a product along the wrong axis would still have the right shape)."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape, requires_grad=True)
+    upstream = torch.randn(shape[0])
+
+    def per_row(rows):  # [c, ...] -> [c]
+        return (rows.reshape(rows.shape[0], -1) ** 3).sum(-1).sin()
+
+    (common.chunked(per_row, [x], 3, []) * upstream).sum().backward()
+    fused, x.grad = x.grad, None
+    (per_row(x) * upstream).sum().backward()
+    assert torch.allclose(fused, x.grad, atol=1e-6)

@@ -165,11 +165,11 @@ def test_greedy_ignores_the_checkpoints_generation_settings(toy_model):
 
 
 def test_preallocated_cache_layer_holds_what_transformers_dynamic_layer_holds():
-    """Written in place instead of concatenated, through prefill, row repeats, tokens and rows
-    leaving: the same keys and values, and the same length for the attention mask."""
+    """Written in place instead of concatenated, through prefill, row repeats, tokens (the buffers
+    growing) and rows leaving: the same keys and values, and the same length for the mask."""
     from transformers.cache_utils import DynamicLayer
     torch.manual_seed(0)
-    ours, theirs = common.PreallocatedLayer(capacity=9), DynamicLayer()
+    ours, theirs = common.PreallocatedLayer(max_length=9), DynamicLayer()
     prefill = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)  # [rows, heads, positions, dim]
     steps = [(torch.randn(6, 3, 1, 4), torch.randn(6, 3, 1, 4)),
              (torch.randn(4, 3, 1, 4), torch.randn(4, 3, 1, 4))]
@@ -182,3 +182,4 @@ def test_preallocated_cache_layer_holds_what_transformers_dynamic_layer_holds():
     assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
     assert ours.keys.shape == (4, 3, 7, 4) and ours.get_seq_length() == theirs.get_seq_length() == 7
     assert ours.get_mask_sizes(1) == theirs.get_mask_sizes(1)
+    assert ours.key_buffer.shape[2] == 9  # 5 positions at prefill, doubled, capped at max_length

@@ -161,10 +161,10 @@ def test_rows_with_zero_advantage_are_skipped_without_changing_the_gradient(tmp_
 
 @pytest.mark.parametrize("argv, message", [
     (["--beta", "0.04", "--full"], "--beta > 0 needs a reference model"),
-    (["--temperature", "0"], "--temperature must be > 0"),
-    (["--chunk-size", "0"], "--chunk-size must be >= 1"),
-    (["--micro-batch-size", "-1"], "--micro-batch-size >= 0"),
-    (["--eval-k", "4", "--eval-temperature", "0"], "--eval-k samples"),
+    (["--temperature", "0"], "--temperature 0.0: must be positive"),
+    (["--chunk-size", "0"], "--chunk-size 0: must be at least 1"),
+    (["--micro-batch-size", "-1"], "--micro-batch-size -1: must be at least 0"),
+    (["--eval-k", "4", "--eval-temperature", "0"], "--eval-temperature 0.0: must be positive"),
 ])
 def test_bad_combinations_fail_in_one_line_before_the_model_loads(argv, message, monkeypatch):
     monkeypatch.setattr(common, "load_model", lambda *args, **kwargs: pytest.fail("loaded"))

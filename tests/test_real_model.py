@@ -95,9 +95,9 @@ def test_every_script_runs_two_steps(smollm2, tmp_path, monkeypatch, capsys):
     assert "reference solution" not in student_text
 
     load_script("evaluate").main(["--model", smollm2, "--adapter", str(common.latest_checkpoint(tmp_path / "grpo")),
-                 "--data", GSM8K, "--eval-n", "2", "--k", "2", "--max-new-tokens", "12",
-                 "--out", str(tmp_path / "eval.json")])
-    result = json.loads((tmp_path / "eval.json").read_text())
+                 "--data", GSM8K, "--eval-n", "2", "--eval-k", "2", "--max-new-tokens", "12",
+                 "--out", str(tmp_path / "eval")])
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert result["n"] == 2 and 0 <= result["pass@2"] <= 1
 
 

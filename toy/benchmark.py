@@ -195,7 +195,7 @@ def grpo_speed(args):
             "--top-p", "1.0", "--top-k", "0", "--lora-r", str(GRPO["lora_r"]),
             "--lora-alpha", str(GRPO["lora_alpha"]), "--beta", "0", "--num-iterations", "1",
             "--loss-type", "grpo", "--lr", str(GRPO["lr"]), "--seed", str(GRPO["seed"]),
-            "--dtype", "float32", "--eval-n", "0", "--out", str(OUT / "grpo-ours"),
+            "--dtype", "float32", "--eval-n", "0", "--out", str(OUT / "grpo-ours"), "--overwrite",
             "--micro-batch-size", "0", "--no-gradient-checkpointing"]  # as TRL's run below
     runs = {"grpo.py": ours}
     if importlib.util.find_spec("trl"):

@@ -1,5 +1,6 @@
-"""The comparison of finished runs: a Markdown table (mean ± sd over seeds, grouped by method) and a
-plot of held-out greedy accuracy against generated tokens (when matplotlib is installed).
+"""The comparison of finished runs: a Markdown table (mean ± sd over seeds, grouped by method and by
+the settings that differ) and a plot of held-out greedy accuracy against generated tokens (when
+matplotlib is installed).
 
     python toy/compare.py out/study/sft-* out/study/grpo-* out/study/opsd-* --plot toy/compare.png
 
@@ -37,15 +38,35 @@ def spread(values, scale=1.0, digits=1):
     return text + (f" ± {statistics.stdev(values):,.{digits}f}" if len(values) > 1 else "")
 
 
+# Arguments that do not change what a run learns: runs that differ only in these are one group.
+NOT_SETTINGS = {"seed", "out", "resume", "overwrite", "save_every", "keep_checkpoints",
+                "eval_every"}
+
+
+def group_names(summaries):
+    """Each run's group: its method, and its value of every setting in which runs of that method
+    differ (summary.json's "args"), e.g. "sft --steps 2"; seeds are what a group averages over."""
+    differing = {}  # method -> the settings its runs differ in
+    for summary in summaries:
+        others = [other.get("args", {}) for other in summaries if other["method"] == summary["method"]]
+        differing[summary["method"]] = sorted(
+            name for name in summary.get("args", {}) if name not in NOT_SETTINGS
+            and len({json.dumps(other.get(name)) for other in others}) > 1)
+    return [" ".join([summary["method"]] + [f"--{name.replace('_', '-')} {summary['args'].get(name)}"
+                                            for name in differing[summary["method"]]])
+            for summary in summaries]
+
+
 def compare_command(args):
-    """Print a Markdown table of finished runs, grouped by method (mean ± sd over their seeds),
-    and plot held-out accuracy against generated tokens when matplotlib is installed."""
+    """Print a Markdown table of finished runs, grouped by method and the settings that differ
+    (mean ± sd over their seeds), and plot held-out accuracy against generated tokens when
+    matplotlib is installed."""
     runs = [read_run(folder) for folder in args.runs]
     methods = {"base (before)": [({**summary, "after": summary["before"], "generated_tokens": 0,
                                    "train_tokens": 0, "wall_seconds": 0, "eval_seconds": 0}, [])
                                  for summary, _ in runs]}  # every run starts from the same base
-    for summary, rows in runs:
-        methods.setdefault(summary["method"], []).append((summary, rows))
+    for name, (summary, rows) in zip(group_names([summary for summary, _ in runs]), runs):
+        methods.setdefault(name, []).append((summary, rows))
     k = max(summary["after"].get("k", 0) for summary, _ in runs)
     accuracies = ["accuracy"] + ([f"mean@{k}", f"pass@{k}", f"maj@{k}"] if k else [])
     header = (["method", "runs", "greedy accuracy (%)"] + [f"{name} (%)" for name in accuracies[1:]]
