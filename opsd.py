@@ -58,15 +58,16 @@ def parse_args(argv=None):
         help="fixed: the initial model (LoRA off); current: the weights being trained")
     add("--loss", choices=["full", "sampled"], default="full",
         help="full: divergence over the vocabulary; sampled: per-token advantage on sampled tokens")
-    add("--beta", type=float, default=0.0,
-        help="generalized JSD weight: 0 forward KL(teacher||student), 1 reverse KL, 0.5 JSD")
+    add("--jsd-beta", type=float, default=0.0,
+        help="generalized JSD weight beta: 0 forward KL(teacher||student), 1 reverse KL, 0.5 JSD "
+             "(not grpo.py's --beta, a KL penalty)")
     add("--clip", type=float, default=0.05,
         help="cap on each vocabulary entry of the pointwise divergence (0: no cap)")
     # The OPSD paper's settings; both logits of the divergence are divided by the temperature.
     parser.set_defaults(lr=5e-6, max_grad_norm=0.1, temperature=1.1, top_p=0.95, top_k=20)
     args = common.parse_args(parser, argv, TOY_SETTINGS, ranges={
         "num_generations": (lambda v: v >= 1, "at least 1"),
-        "beta": (lambda v: 0 <= v <= 1, "in [0, 1]: 0 forward KL, 1 reverse KL"),
+        "jsd_beta": (lambda v: 0 <= v <= 1, "in [0, 1]: 0 forward KL, 1 reverse KL"),
         "clip": (lambda v: v >= 0, "at least 0 (0: no cap)"),
         "temperature": (lambda v: v > 0, "positive: the student samples its completions and both "
                                          "distributions are softmax(logits / temperature)")})
@@ -222,7 +223,7 @@ def main(argv=None):
                                   lambda hidden: common.output_logits(model, hidden),
                                   lambda hidden: common.output_logits(teacher, hidden),
                                   list(model.get_output_embeddings().parameters()),
-                                  args.beta, args.temperature, args.clip, args.chunk_size)
+                                  args.jsd_beta, args.temperature, args.clip, args.chunk_size)
             else:
                 mask, targets = completion_mask.bool(), completion_ids[completion_mask.bool()]
                 with torch.no_grad():

@@ -49,7 +49,7 @@ BAD = [  # (script, command line, the flag the error line must name)
     ("sft", ["--no-such-flag"], "--no-such-flag"),
     ("sft", ["--rejection-sampling", "4", "--temperature", "0"], "--rejection-sampling"),
     ("sft", ["--resume", "--overwrite"], "--resume"),
-    ("opsd", ["--beta", "2"], "--beta"),
+    ("opsd", ["--jsd-beta", "2"], "--jsd-beta"),
     ("opsd", ["--clip", "-0.1"], "--clip"),
     ("opsd", ["--temperature", "0"], "--temperature"),
     ("grpo", ["--temperature", "0"], "--temperature"),
