@@ -278,20 +278,22 @@ def main():
     parser_memory.add_argument("--model", help="model folder (default: the stand-in, built on "
                                                "first use in models/standin)")
     parser_memory.add_argument("--scripts", nargs="+", choices=list(MEMORY_SCRIPTS),
-                               default=list(MEMORY_SCRIPTS))
+                               default=list(MEMORY_SCRIPTS), help="which scripts (default: all)")
     parser_grpo = commands.add_parser("grpo", help="seconds per step: grpo.py and TRL's GRPOTrainer")
     parser_grpo.add_argument("--model", help="model folder (default: the tiny random Qwen3, built "
                                              "on first use in models/tiny)")
-    parser_grpo.add_argument("--steps", type=int, default=8)
+    parser_grpo.add_argument("--steps", type=int, default=8,
+                             help="steps per run; the first is left out (default: 8)")
     parser_grpo.add_argument("--repeats", type=int, default=1,
                              help="run each implementation this many times, alternating")
     parser_rollouts = commands.add_parser("rollouts",
                                           help="seconds: common.generate against model.generate")
     parser_rollouts.add_argument("--model", help="model folder (default: models/tiny)")
-    parser_rollouts.add_argument("--repeats", type=int, default=5)
+    parser_rollouts.add_argument("--repeats", type=int, default=5,
+                                 help="timed calls of each, after one warm-up (default: 5)")
     worker = commands.add_parser("trl-worker")  # internal: one TRL run, for `grpo`
-    worker.add_argument("--model", required=True)
-    worker.add_argument("--steps", type=int, required=True)
+    worker.add_argument("--model", required=True, help="model folder")
+    worker.add_argument("--steps", type=int, required=True, help="training steps")
     args = parser.parse_args()
     if args.command == "trl-worker":
         trl_worker(args.model, args.steps, OUT / "grpo-trl")

@@ -111,7 +111,8 @@ def plot_runs(methods, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("runs", nargs="+", help="output folders of finished runs")
     parser.add_argument("--plot", default="out/compare.png",
                         help="PNG of accuracy against generated tokens (needs matplotlib)")

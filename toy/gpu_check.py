@@ -77,12 +77,13 @@ def check(name, main, argv, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--tiny", action="store_true",
                         help="a tiny model and 4 prompts of 16 tokens: the CPU path of the check")
     parser.add_argument("--out", default="out/gpu_check", help="model folder and runs go here")
     parser.add_argument("--scripts", nargs="+", choices=[name for name, _ in RUNS],
-                        default=[name for name, _ in RUNS], help="which scripts to run (default: all)")
+                        default=[name for name, _ in RUNS], help="which scripts to run")
     args = parser.parse_args(argv)
     out = Path(args.out)
     start = time.time()

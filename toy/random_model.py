@@ -148,9 +148,10 @@ def write(shape_name, folder, seed=SEED):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("shape", choices=sorted(SHAPES))
+    parser.add_argument("shape", choices=sorted(SHAPES), help="which configuration")
     parser.add_argument("folder", help="where to write the model folder")
-    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help="of the random weights (default: %(default)s)")
     args = parser.parse_args()
     print(write(args.shape, args.folder, args.seed))
 
