@@ -73,6 +73,21 @@ def test_a_bad_flag_is_one_line_naming_it_before_the_model_loads(script, argv, f
     assert len(error.splitlines()) == 1 and error.startswith("error: ") and flag in error, error
 
 
+@pytest.mark.parametrize("command", [["grpo.py", "--num-generations", "1"],
+                                     ["opsd.py", "--jsd-beta", "2"],
+                                     ["sft.py", "--lora-r", "0"],
+                                     ["toy/evaluate.py", "--eval-k", "-1"]])
+def test_the_command_line_itself_exits_2_in_one_line_within_seconds(command, tmp_path):
+    import subprocess
+    import time
+    start = time.time()
+    result = subprocess.run([sys.executable, *command, "--out", str(tmp_path / "out")],
+                            cwd=common.REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and time.time() - start < 15
+    assert len(result.stderr.strip().splitlines()) == 1 and command[1] in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
 @pytest.mark.parametrize("script,argv,message", [
     ("sft", [], "holds a run (checkpoint-000002): continue it with --resume"),
     ("grpo", ["--resume"], "was trained with method sft, this run has grpo"),
