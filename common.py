@@ -55,14 +55,16 @@ def add_common_args(parser):
     add = parser.add_argument
     add("--model", default="toy", help="Hugging Face model id or local folder; 'toy' = built-in")
     add("--data", default="toy", help="'toy' or a local .jsonl/.json file of problems")
-    add("--eval-data", default=None, help="held-out file; if none, a fixed slice of --data")
+    add("--eval-data", default=None,
+        help="held-out file; if none, a fixed slice of --data (of the toy: its test split)")
     add("--out", default=None, help="output folder; if none, out/<method>")
     add("--overwrite", action="store_true",
         help="replace the run already in --out (its checkpoints, metrics and summary)")
     add("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     add("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     add("--keep-checkpoints", type=int, default=2, help="the newest N checkpoints are kept")
-    add("--steps", type=int, default=100, help="total optimizer steps")
+    add("--steps", type=int, default=100,
+        help="training steps, each on --batch-size new prompts")
     add("--batch-size", "--prompts-per-step", type=int, default=32,
         help="prompts per step (per process under torchrun)")
     add("--micro-batch-size", type=int, default=16,
@@ -157,6 +159,9 @@ def parse_args(parser, argv, toy_settings, ranges=None):
         args = parser.parse_args(argv)
         print("toy settings: " + ", ".join(f"{key}={value}" for key, value in settings.items()
                                            if getattr(args, key) == value))
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"--{name.replace('_', '-')} {value}: must be a finite number")
     for name, (valid, must_be) in {**RANGES, **(ranges or {})}.items():
         if hasattr(args, name) and not valid(getattr(args, name)):
             raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {must_be}")
@@ -870,6 +875,8 @@ def evaluate(model, tokenizer, examples, max_new_tokens, batch_size=64, message=
     Under torchrun each rank evaluates every N-th problem and the answers are gathered, so all
     ranks return the same result. Shows progress with an ETA on stderr (rank 0's share).
     """
+    if not examples:  # --eval-n 0
+        return {"accuracy": None, "n": 0}
     references = [normalize_answer(e["answer"]) for e in examples]
     shard = examples[rank()::world_size()]
     prompts = [chat_prompt(tokenizer, (message or student_message)(e)) for e in shard]
@@ -1032,7 +1039,7 @@ def load_checkpoint(folder, model, optimizer, scheduler, full):
 # ----------------------------------------------------------------------------------------------
 # The parts of a run that every method shares: before the first step, the optimizer step, the end
 
-RUN_FILES = ("metrics.jsonl", "summary.json", "runs.jsonl")  # besides checkpoint-* folders
+RUN_FILES = ("metrics.jsonl", "summary.json")  # a run's, besides its checkpoint-* folders
 
 
 def prepare_out(args):
@@ -1047,6 +1054,8 @@ def prepare_out(args):
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file: give a folder")
+    if any(folder.name.startswith("checkpoint-") for folder in [out, *out.resolve().parents]):
+        raise InputError(f"--out {out} is inside a checkpoint, which its run may delete")
     if args.resume and args.overwrite:
         raise InputError("--resume continues the run in --out, --overwrite replaces it: give one")
     existing = sorted(out.glob("checkpoint-*")) + [out / name for name in RUN_FILES
@@ -1054,6 +1063,12 @@ def prepare_out(args):
     if existing and not (args.resume or args.overwrite):
         raise InputError(f"--out {out} holds a run ({existing[0].name}): continue it with --resume, "
                          "give another --out, or replace it with --overwrite")
+    existing += [out / "runs.jsonl"] if (out / "runs.jsonl").exists() else []
+    for flag in ("model", "data", "eval_data"):  # --overwrite must not remove what this run reads
+        used = Path(str(getattr(args, flag))).resolve()
+        if args.overwrite and any(path.resolve() in [used, *used.parents] for path in existing):
+            raise InputError(f"--overwrite would delete --{flag.replace('_', '-')} "
+                             f"{getattr(args, flag)}: give another --out")
     checkpoint = latest_checkpoint(out) if args.resume else None
     if checkpoint and (checkpoint / "args.json").exists():
         saved = json.loads((checkpoint / "args.json").read_text())
@@ -1069,7 +1084,10 @@ def prepare_out(args):
     if rank() == 0:
         for path in existing if args.overwrite else []:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise InputError(f"--out {out}: cannot make the folder ({error.strerror})") from None
         with open(out / "runs.jsonl", "a") as runs:
             runs.write(json.dumps({"method": args.method, "command": sys.argv, "started":
                                    time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": vars(args)}) + "\n")
@@ -1137,7 +1155,7 @@ def run_evaluation(args, model, tokenizer, eval_examples, state, k=0):
 def periodic_evaluation(args, step, model, tokenizer, eval_examples, state):
     """Every --eval-every steps (not the last: finish_run evaluates it), the greedy held-out
     accuracy for the step's metrics: {"eval_accuracy": ...}, else {}."""
-    if not args.eval_every or step % args.eval_every or step == args.steps:
+    if not args.eval_every or step % args.eval_every or step == args.steps or not eval_examples:
         return {}
     return {"eval_accuracy": run_evaluation(args, model, tokenizer, eval_examples, state)["accuracy"]}
 
@@ -1165,7 +1183,8 @@ def finish_run(args, model, tokenizer, optimizer, scheduler, step, state, eval_e
     what, with which arguments, the result before and after, the last step's loss, the cost."""
     started = time.time()
     after = run_evaluation(args, model, tokenizer, eval_examples, state, args.eval_k)
-    print(f"after: {describe(after)}, before {state['before']['accuracy']:.3f}")
+    print(f"after: {describe(after)}" + (f", before {state['before']['accuracy']:.3f}"
+                                         if after["n"] else ""))
     state["wall_seconds"] += time.time() - started
     folder = save_checkpoint(args.out, step, model, tokenizer, optimizer, scheduler, state, args)
     print(f"saved {'model' if args.full else 'adapter'} to {folder}")

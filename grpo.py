@@ -59,7 +59,7 @@ def parse_args(argv=None):
     add("--epsilon-low", type=float, default=0.2, help="PPO clip: ratio >= 1 - epsilon-low")
     add("--epsilon-high", type=float, default=0.2, help="PPO clip: ratio <= 1 + epsilon-high")
     add("--format-reward", type=float, default=0.0,
-        help="extra reward for a completion with a parsable final answer (off by default)")
+        help="extra reward for a completion with a parsable final answer (0: off)")
     parser.set_defaults(lr=2e-5)  # the OPSD paper's GRPO baseline
     args = common.parse_args(parser, argv, TOY_SETTINGS, ranges={
         "num_generations": (lambda v: v >= 2, "at least 2: advantages compare a group's rewards"),

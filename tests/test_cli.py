@@ -49,6 +49,8 @@ BAD = [  # (script, command line, the flag the error line must name)
     ("sft", ["--no-such-flag"], "--no-such-flag"),
     ("sft", ["--rejection-sampling", "4", "--temperature", "0"], "--rejection-sampling"),
     ("sft", ["--resume", "--overwrite"], "--resume"),
+    ("sft", ["--lr", "inf"], "--lr"),
+    ("grpo", ["--format-reward", "nan"], "--format-reward"),
     ("opsd", ["--jsd-beta", "2"], "--jsd-beta"),
     ("opsd", ["--clip", "-0.1"], "--clip"),
     ("opsd", ["--temperature", "0"], "--temperature"),
@@ -103,6 +105,38 @@ def test_an_existing_run_is_never_replaced_or_resumed_by_another(script, argv, m
         common.run_cli(lambda: SCRIPTS[script].main(argv + ["--out", str(run)]))
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert sorted(path.name for path in run.rglob("*")) == before  # nothing touched
+
+
+def test_a_failed_start_does_not_take_the_folder(tmp_path, capsys):
+    """A typo in --data stops the run in one line; the corrected command then runs in the same
+    --out (the failed start is only recorded in runs.jsonl)."""
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit):
+        common.run_cli(lambda: sft.main(["--data", str(tmp_path / "missing.jsonl"), "--out", out]))
+    assert "missing.jsonl" in capsys.readouterr().err
+    sft.main(["--steps", "1", "--batch-size", "2", "--eval-n", "2", "--out", out])
+    assert len((tmp_path / "run" / "runs.jsonl").read_text().splitlines()) == 2
+
+
+def test_overwrite_never_deletes_what_the_run_reads_nor_runs_inside_a_checkpoint(tmp_path,
+                                                                                capsys):
+    run = a_run(tmp_path / "run")
+    for argv, message in [(["--overwrite", "--model", str(run / "checkpoint-000002")],
+                           "--overwrite would delete --model"),
+                          (["--out", str(run / "checkpoint-000002" / "inner")],
+                           "is inside a checkpoint")]:
+        with pytest.raises(SystemExit):
+            common.run_cli(lambda: sft.main(["--out", str(run), *argv]))
+        assert message in capsys.readouterr().err
+    assert (run / "checkpoint-000002" / "args.json").exists()
+
+
+def test_no_held_out_problems_is_said_not_scored(tmp_path, capsys):
+    sft.main(["--steps", "1", "--batch-size", "2", "--eval-n", "0", "--eval-k", "4",
+              "--out", str(tmp_path / "run")])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["before"] == summary["after"] == {"accuracy": None, "n": 0}
+    assert "no held-out evaluation (--eval-n 0)" in capsys.readouterr().out
 
 
 def test_out_naming_a_file_stops_before_anything_runs(tmp_path, monkeypatch, capsys):

@@ -143,8 +143,7 @@ def pretrain(init):
     """Full-parameter SFT from `init`, CHUNK steps at a time, until the targets are reached."""
     test = common.load_examples("toy", "test")
     for steps in range(FIRST_STOP, MAX_STEPS + 1, CHUNK):
-        sft.main(["--model", str(init), "--out", str(BUILD_DIR), "--overwrite", "--steps", str(steps)]
-                 + PRETRAIN_ARGS)
+        sft.main(["--model", str(init), "--out", str(BUILD_DIR), "--steps", str(steps)] + PRETRAIN_ARGS)
         closed_book = json.loads((BUILD_DIR / "summary.json").read_text())["after"]["accuracy"]
         if closed_book >= CLOSED_BOOK_TARGET:
             model, tokenizer = common.load_model(str(common.latest_checkpoint(BUILD_DIR)))

@@ -40,19 +40,22 @@ def spread(values, scale=1.0, digits=1):
 
 # Arguments that do not change what a run learns: runs that differ only in these are one group.
 NOT_SETTINGS = {"seed", "out", "resume", "overwrite", "save_every", "keep_checkpoints",
-                "eval_every"}
+                "eval_every", "micro_batch_size", "chunk_size", "eval_batch_size",
+                "gradient_checkpointing"}
 
 
 def group_names(summaries):
     """Each run's group: its method, and its value of every setting in which runs of that method
-    differ (summary.json's "args"), e.g. "sft --steps 2"; seeds are what a group averages over."""
+    differ (summary.json's "args"; summaries written before it recorded them have none), e.g.
+    "sft --steps 2"; seeds are what a group averages over."""
     differing = {}  # method -> the settings its runs differ in
-    for summary in summaries:
-        others = [other.get("args", {}) for other in summaries if other["method"] == summary["method"]]
-        differing[summary["method"]] = sorted(
-            name for name in summary.get("args", {}) if name not in NOT_SETTINGS
-            and len({json.dumps(other.get(name)) for other in others}) > 1)
-    return [" ".join([summary["method"]] + [f"--{name.replace('_', '-')} {summary['args'].get(name)}"
+    for method in {summary["method"] for summary in summaries}:
+        runs = [summary.get("args", {}) for summary in summaries if summary["method"] == method]
+        differing[method] = sorted(
+            name for name in set().union(*runs) if name not in NOT_SETTINGS
+            and len({json.dumps(run.get(name)) for run in runs}) > 1)
+    return [" ".join([summary["method"]] + [f"--{name.replace('_', '-')} "
+                                            f"{summary.get('args', {}).get(name)}"
                                             for name in differing[summary["method"]]])
             for summary in summaries]
 
@@ -99,6 +102,7 @@ def plot_runs(methods, path):
                       + [(row["generated_tokens"], row["eval_accuracy"])
                          for row in rows if "eval_accuracy" in row]
                       + [(summary["generated_tokens"], summary["after"]["accuracy"])])
+            points = [(x, y) for x, y in points if y is not None]  # --eval-n 0: none
             axes.plot([x for x, _ in points], [100 * y for _, y in points], marker="o",
                       markersize=3, color=f"C{index}", alpha=0.8, label=method if run == 0 else None)
     axes.set(xlabel="generated tokens (sampling cost)", ylabel="held-out greedy accuracy (%)")

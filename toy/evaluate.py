@@ -25,6 +25,10 @@ def evaluate_model(args):
     out = Path(args.out or args.adapter or "out")
     if out.exists() and not out.is_dir():  # checked before the slow part: no result is lost
         raise common.InputError(f"--out {out} is a file: give a folder (eval.json goes there)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise common.InputError(f"--out {out}: cannot make the folder ({error.strerror})") from None
     examples = common.load_examples(args.data, args.split)[:args.eval_n]
     if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
         raise common.InputError(f"{args.adapter}: no adapter_config.json (a --full checkpoint "
@@ -37,7 +41,6 @@ def evaluate_model(args):
                              temperature=args.eval_temperature, seed=args.seed)
     result.update(model=args.model, adapter=args.adapter, data=args.data, split=args.split)
     if common.rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     print(common.describe(result))
     print(f"wrote {out / 'eval.json'}")

@@ -61,7 +61,7 @@ def check(name, main, argv, out):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     try:
-        main(argv + ["--out", str(out), "--overwrite"])  # replaces an earlier check
+        main(argv + ["--out", str(out), "--overwrite"])  # replaces an earlier check's run
     finally:
         common.generate = real_generate
     summary = json.loads((out / "summary.json").read_text())
@@ -96,7 +96,8 @@ def main(argv=None):
     for name, script_main in [(name, main) for name, main in RUNS if name in args.scripts]:
         argv = ["--model", str(folder), "--data", "toy", "--steps", "2", "--eval-n", "0",
                 *(TINY[name] if args.tiny else [])]  # --dtype auto: bfloat16 on CUDA
-        results.append(check(name, script_main, argv, out / name.removesuffix(".py")))
+        results.append(check(name, script_main, argv,  # runs/: never the scripts' own out/<method>
+                             out / "runs" / name.removesuffix(".py")))
         print(json.dumps(results[-1]))
     print(f"\n{device}, {'tiny shape' if args.tiny else 'Qwen3-1.7B shape'}, "
           f"{common.compute_dtype('auto', 'cuda' if torch.cuda.is_available() else 'cpu')}, "
