@@ -1192,7 +1192,8 @@ def finish_run(args, model, tokenizer, optimizer, scheduler, step, state, eval_e
     rows = metrics.read_text().splitlines() if rank() == 0 and metrics.exists() else []
     write_summary(args.out, {
         "method": args.method, "model": args.model, "data": args.data,
-        "eval_data": args.eval_data or f"{args.data} (held-out slice)",
+        "eval_data": args.eval_data or ("toy test split" if args.data == "toy"
+                                        else f"{args.data} (held-out slice)"),
         "before": state["before"], "after": after, "steps": step,
         "final_loss": json.loads(rows[-1]).get("loss") if rows else None,
         "train_tokens": state["train_tokens"], "generated_tokens": state["generated_tokens"],
