@@ -774,9 +774,6 @@ def chunked(function, tensors, chunk_size, parameters):
     to the hidden states is taken at once too (`RowwiseChunks`). Peak: a few [chunk_size, V] float32
     tensors, and one [n, H] tensor per differentiated input.
     """
-    if not torch.is_grad_enabled():
-        return torch.cat([function(*(tensor[start:start + chunk_size] for tensor in tensors))
-                          for start in range(0, tensors[0].shape[0] or 1, chunk_size)])
     return RowwiseChunks.apply(function, chunk_size, len(tensors), *tensors, *parameters)
 
 
@@ -1042,6 +1039,16 @@ def load_checkpoint(folder, model, optimizer, scheduler, full):
 RUN_FILES = ("metrics.jsonl", "summary.json")  # a run's, besides its checkpoint-* folders
 
 
+def make_folder(out):
+    """--out as a folder, made now, before anything slow: one line if it is a file or cannot be."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file: give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--out {out}: cannot make the folder ({error.strerror})") from None
+
+
 def prepare_out(args):
     """Make --out this run's folder without touching another run's files.
 
@@ -1052,12 +1059,11 @@ def prepare_out(args):
     resumed ones too.
     """
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file: give a folder")
     if any(folder.name.startswith("checkpoint-") for folder in [out, *out.resolve().parents]):
         raise InputError(f"--out {out} is inside a checkpoint, which its run may delete")
     if args.resume and args.overwrite:
         raise InputError("--resume continues the run in --out, --overwrite replaces it: give one")
+    make_folder(out)
     existing = sorted(out.glob("checkpoint-*")) + [out / name for name in RUN_FILES
                                                    if (out / name).exists()]
     if existing and not (args.resume or args.overwrite):
@@ -1084,10 +1090,6 @@ def prepare_out(args):
     if rank() == 0:
         for path in existing if args.overwrite else []:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise InputError(f"--out {out}: cannot make the folder ({error.strerror})") from None
         with open(out / "runs.jsonl", "a") as runs:
             runs.write(json.dumps({"method": args.method, "command": sys.argv, "started":
                                    time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": vars(args)}) + "\n")

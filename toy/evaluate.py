@@ -23,12 +23,7 @@ def evaluate_model(args):
     Under torchrun the problems are shared out among the processes."""
     common.init_distributed()
     out = Path(args.out or args.adapter or "out")
-    if out.exists() and not out.is_dir():  # checked before the slow part: no result is lost
-        raise common.InputError(f"--out {out} is a file: give a folder (eval.json goes there)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise common.InputError(f"--out {out}: cannot make the folder ({error.strerror})") from None
+    common.make_folder(out)  # before the slow part: no result is lost
     examples = common.load_examples(args.data, args.split)[:args.eval_n]
     if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
         raise common.InputError(f"{args.adapter}: no adapter_config.json (a --full checkpoint "
