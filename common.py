@@ -238,6 +238,7 @@ def load_model(name_or_path="toy", dtype="auto", full=False, gradient_checkpoint
     own weights in float32 (lora.py).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import, only when needed
+    from transformers.modeling_layers import GradientCheckpointingLayer
     from transformers.utils.logging import disable_progress_bar
     disable_progress_bar()  # per-file loading bars would drown the one-line-per-step log
     path = str(TOY_DIR / "model") if name_or_path == "toy" else name_or_path
@@ -259,7 +260,7 @@ def load_model(name_or_path="toy", dtype="auto", full=False, gradient_checkpoint
     model.to(device)
     if full and dtype != torch.float32:
         # Mixed precision: matrix products in `dtype`, weights and their gradients in float32.
-        # On the two parts the code calls: the decoder and the output layer (`hidden_states`,
+        # On the two parts the code calls: the decoder and the output layer (`completion_hidden`,
         # `output_logits`; model(...) calls both). Norm weights stay float32, so some
         # activations are float32 too. (Do not deepcopy such a model: the copy's wrappers would
         # still call the original's modules.)
@@ -272,6 +273,9 @@ def load_model(name_or_path="toy", dtype="auto", full=False, gradient_checkpoint
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in model.modules():  # keep the training cache: it is only read (SharedPromptLayer)
+            if isinstance(layer, GradientCheckpointingLayer):
+                layer._can_checkpoint_with_cache = True
     return model, tokenizer
 
 
@@ -655,38 +659,97 @@ def sample_rollouts(model, tokenizer, examples, args, state):
     return rollouts
 
 
+def unpadded(ids, mask):
+    """The rows of a padded [N, L] tensor as N lists of token ids, without their padding."""
+    return [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Log-probabilities from hidden states: the output layer a chunk of positions at a time
 
-def pack_rows(prompt_ids, completion_ids, pad_id, device):
-    """Right-padded [prompt + completion] rows for a training forward pass.
-
-    prompt_ids and completion_ids are lists of token-id lists. Returns input_ids [B, L],
-    attention_mask [B, L], and completion_mask [B, L-1], aligned with the targets input_ids[:, 1:]:
-    1 where the target is a completion token (EOS included). Built from lengths, never from token
-    equality, so an EOS equal to the pad token is still trained.
+def pack(prompts, completions, pad_id, device):
+    """A training batch from N rows of token-id lists, row i = prompts[i] + completions[i]: each
+    distinct prompt once (the G samples of a prompt share it), left padded, and every completion
+    right padded. Returns a dict of prompt_ids, prompt_mask [M, P] (M distinct prompts),
+    completion_ids, completion_mask [N, T] and prompt_of_row [N] (row i continues prompt
+    prompt_of_row[i]). The masks come from lengths, never from token equality, so an EOS equal to
+    the pad token is still trained.
     """
-    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
-    L = max(lengths)
-    input_ids = torch.full((len(lengths), L), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(len(lengths), L, dtype=torch.long)
-    completion_mask = torch.zeros(len(lengths), L - 1, dtype=torch.long)
-    for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
-        input_ids[row, :lengths[row]] = torch.tensor(prompt + completion)
-        attention_mask[row, :lengths[row]] = 1
-        completion_mask[row, len(prompt) - 1:lengths[row] - 1] = 1  # target t is token t+1
-    return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
+    distinct = {}  # prompt -> its index, in order of first appearance
+    prompt_of_row = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
+
+    def padded(rows, left):
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            columns = slice(width - len(row), width) if left else slice(0, len(row))
+            ids[i, columns], mask[i, columns] = torch.tensor(row, dtype=torch.long), 1
+        return ids.to(device), mask.to(device)
+
+    prompt_ids, prompt_mask = padded(list(distinct), left=True)
+    completion_ids, completion_mask = padded(completions, left=False)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+            "completion_mask": completion_mask,
+            "prompt_of_row": torch.tensor(prompt_of_row, device=device)}
 
 
-def hidden_states(model, input_ids, attention_mask, position_ids=None):
-    """The model's final hidden states [B, L, H] (after its last norm), without its output layer.
+class SharedPromptLayer(DynamicLayer):
+    """One attention layer's cache in a training forward pass (`completion_hidden`): the keys and
+    values of the rows' prompts. update() returns them followed by the new positions' and stores
+    nothing, so a layer that gradient checkpointing recomputes sees exactly what it saw the first
+    time. In the prompt pass it holds nothing yet, and the new keys and values are read back from
+    `added`."""
 
-    The output layer is where the memory goes at a real vocabulary: its logits are [B, L, V], and
-    with Qwen3's V = 151,936 one row of 1024 positions is 620 MB in float32. So the losses apply it
-    themselves, at completion positions only and a chunk at a time (`chunked`, `target_logprobs`).
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.added = key_states, value_states
+        if not self.is_initialized:  # the prompt pass: no earlier positions
+            return key_states, value_states
+        return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+
+
+def completion_hidden(model, batch):
+    """The final hidden states (after the last norm, before the output layer) that predict each
+    completion token of `batch` (`pack`): [N, T, H], row i position t predicts completion token t.
+
+    Two passes through the decoder. First the M distinct prompts, once each, keeping every layer's
+    keys and values; then the N completions, each attending to its own prompt's keys and values and
+    to itself. So the G samples of a prompt share one prompt pass: on the toy, a prompt of 184
+    tokens and 8 completions of 48 are 568 positions instead of 8 x 232 = 1,856. The hidden states,
+    and their gradients, which flow through the shared keys and values into the prompt pass, are
+    those of one pass over each [prompt | completion] row. Position ids count real tokens only, so
+    left padding shifts nothing.
+
+    The output layer is not applied here: at a real vocabulary its logits are the largest tensor of
+    a step ([N, T, V]; with Qwen3's V = 151,936 one row of 1024 positions is 620 MB in float32), so
+    the losses apply it a chunk of completion positions at a time (`chunked`, `target_logprobs`).
     """
-    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=False).last_hidden_state
+    decoder, prompt_mask, rows = model.get_decoder(), batch["prompt_mask"], batch["prompt_of_row"]
+
+    def run(input_ids, attention_mask, position_ids, layers):
+        cache = DynamicCache(config=model.config)
+        cache.layers = layers
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       cache=cache, use_cache=False).last_hidden_state  # the cache is ours, read only
+
+    prompt_layers = [SharedPromptLayer() for _ in DynamicCache(config=model.config).layers]
+    prompt_hidden = run(batch["prompt_ids"], prompt_mask, (prompt_mask.cumsum(1) - 1).clamp(min=0),
+                        prompt_layers)  # [M, P, H]
+    completion_layers = []
+    for prompt_layer in prompt_layers:  # each row gets its prompt's keys and values
+        layer = SharedPromptLayer()
+        layer.lazy_initialization(*prompt_layer.added)
+        # index_select, not states[rows]: its backward adds up the rows of a prompt in a fixed
+        # order; that of indexing does not on several threads (runs would differ in the 7th digit)
+        layer.keys, layer.values = (states.index_select(0, rows) for states in prompt_layer.added)
+        completion_layers.append(layer)
+    completion_mask = batch["completion_mask"]
+    positions = prompt_mask.sum(1)[rows, None] + torch.arange(completion_mask.shape[1],
+                                                              device=rows.device)  # [N, T]
+    hidden = run(batch["completion_ids"], torch.cat([prompt_mask[rows], completion_mask], 1),
+                 positions, completion_layers)  # [N, T, H]
+    last = prompt_hidden[:, -1:].index_select(0, rows)  # [N, 1, H]: predicts completion token 0
+    return torch.cat([last, hidden[:, :-1]], 1)
 
 
 def output_logits(model, hidden):
@@ -792,17 +855,14 @@ def target_logprobs(model, hidden, targets, temperature=1.0, chunk_size=128):
                    list(model.get_output_embeddings().parameters()))
 
 
-def token_logprobs(model, input_ids, attention_mask, completion_mask, temperature=1.0,
-                   chunk_size=128):
-    """log p(x_{t+1} | x_<=t) where completion_mask is 1, 0 elsewhere: [B, L-1] float32.
-
-    completion_mask [B, L-1] (`pack_rows`) picks the positions whose next token is a target; the
-    output layer runs on those positions only (`target_logprobs`), never on the prompt.
+def token_logprobs(model, batch, temperature=1.0, chunk_size=128):
+    """log p(completion token t | prompt, completion tokens before t) of each row of `batch`
+    (`pack`): [N, T] float32, 0 on padding. The output layer runs on completion positions only
+    (`target_logprobs`), never on the prompt.
     """
-    hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]  # [B, L-1, H]: predicts t+1
-    mask = completion_mask.bool()
-    logprobs = target_logprobs(model, hidden[mask], input_ids[:, 1:][mask], temperature,
-                               chunk_size)  # [n completion tokens]
+    mask = batch["completion_mask"].bool()
+    logprobs = target_logprobs(model, completion_hidden(model, batch)[mask],
+                               batch["completion_ids"][mask], temperature, chunk_size)
     return torch.zeros(mask.shape, device=mask.device).masked_scatter(mask, logprobs)
 
 

@@ -171,38 +171,34 @@ def main(argv=None):
         trained = trained if trained.any() else keep
 
         # 3. Training rows: prompt without its left padding + completion up to its EOS.
-        prompt_rows = [ids[mask.bool()].tolist() for ids, mask in
-                       zip(rollouts["prompt_ids"], rollouts["prompt_mask"])]
-        completion_rows = [ids[mask.bool()].tolist() for ids, mask in
-                           zip(rollouts["completion_ids"], rollouts["completion_mask"])]
+        prompt_rows = common.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
+        completion_rows = common.unpadded(rollouts["completion_ids"], rollouts["completion_mask"])
         rows_trained = trained.nonzero().flatten().tolist()
         micro_batches = [rows_trained[i:i + args.micro_batch_size]
                          for i in range(0, len(rows_trained), args.micro_batch_size)]
-        packed = [common.pack_rows([prompt_rows[i] for i in rows], [completion_rows[i] for i in rows],
-                                   tokenizer.pad_token_id, device) for rows in micro_batches]
+        packed = [common.pack([prompt_rows[i] for i in rows], [completion_rows[i] for i in rows],
+                              tokenizer.pad_token_id, device) for rows in micro_batches]
 
         # 4. pi_old: recorded once when the rollouts are reused (mu > 1); else logp.detach() below.
         # All log-probs are those of the policy that sampled: softmax(logits / temperature), as in
         # TRL. (At temperature 1 instead, E[grad log pi] over the samples is not 0: a bias.)
-        def logprobs(input_ids, attention_mask, completion_mask):
-            return common.token_logprobs(model, input_ids, attention_mask, completion_mask,
-                                         args.temperature, args.chunk_size)
+        def logprobs(batch):  # [B, T]
+            return common.token_logprobs(model, batch, args.temperature, args.chunk_size)
 
         old_logps, ref_logps = [], []
         with torch.no_grad():
             for batch in packed:
                 if args.num_iterations > 1:
-                    old_logps.append(logprobs(*batch))
+                    old_logps.append(logprobs(batch))
                 if args.beta > 0:
                     with lora_disabled(model):  # the reference is the base model: no second copy
-                        ref_logps.append(logprobs(*batch))
+                        ref_logps.append(logprobs(batch))
 
         # 5. mu policy updates on the same rollouts.
         loss_sum, clipped, kl_sum = 0.0, 0.0, 0.0
         for _ in range(args.num_iterations):
-            for b, (rows, (input_ids, attention_mask, completion_mask)) in enumerate(
-                    zip(micro_batches, packed)):
-                logp = logprobs(input_ids, attention_mask, completion_mask)  # [B, L-1]
+            for b, (rows, batch) in enumerate(zip(micro_batches, packed)):
+                logp, completion_mask = logprobs(batch), batch["completion_mask"]  # [B, T]
                 old_logp = old_logps[b] if old_logps else logp.detach()
                 ref_logp = ref_logps[b] if ref_logps else None
                 loss = policy_loss(logp, old_logp, advantages[rows].to(device), completion_mask,
@@ -226,8 +222,8 @@ def main(argv=None):
             grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
         step += 1
 
-        step_tokens = common.global_sum(sum(int(attention_mask.sum()) for _, attention_mask, _
-                                            in packed))
+        step_tokens = common.global_sum(sum(  # each distinct prompt once
+            int(batch["prompt_mask"].sum() + batch["completion_mask"].sum()) for batch in packed))
         loss_sum, clipped, kl_sum = (common.global_sum(value) for value in (loss_sum, clipped, kl_sum))
         state["train_tokens"] += step_tokens * args.num_iterations
         state["wall_seconds"] = wall_before + time.time() - loop_start

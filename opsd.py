@@ -113,7 +113,7 @@ def divergence(student_hidden, teacher_hidden, mask, student_output, teacher_out
 
         L = (1 / sum_t m_t) sum_t m_t D( softmax(W_T h^T_t / T), softmax(W_S h^S_t / T) )
 
-    student_hidden, teacher_hidden: [N, T, H] final hidden states (`completion_hidden`), aligned so
+    student_hidden, teacher_hidden: [N, T, H] final hidden states (`common.completion_hidden`), aligned so
     position t predicts completion token t; mask: [N, T], 1 on completion tokens (EOS included).
     student_output, teacher_output: their output layers, hidden -> logits (`common.output_logits`;
     the identity if the inputs are logits already); student_parameters: the parameters of
@@ -154,22 +154,6 @@ def sampled_token_loss(student_logprobs, teacher_logprobs):
     return -(advantages * student_logprobs).sum() / max(1, len(student_logprobs))
 
 
-def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """Final hidden states that predict each completion token: [N, T, H] for a [N, T] completion.
-
-    Rows are [left-padded prompt | right-padded completion], so the completion starts at the same
-    column for every row whatever the prompt length: student and teacher (different prompts) line
-    up by construction. Position ids count real tokens only, so left padding shifts nothing.
-    The output layer is applied later, a chunk of completion positions at a time (`divergence`).
-    """
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [N, P + T]
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    hidden = common.hidden_states(model, input_ids, attention_mask, position_ids)  # [N, P + T, H]
-    P = prompt_ids.shape[1]
-    return hidden[:, P - 1:-1]  # column P - 1 + t predicts completion token t
-
-
 def main(argv=None):
     args = parse_args(argv)
     model, tokenizer, train_examples, eval_examples, optimizer, scheduler, step, state = \
@@ -194,28 +178,27 @@ def main(argv=None):
         rollouts = common.sample_rollouts(model, tokenizer, examples, args, state)
 
         # 2. The teacher's prompt shows the reference solution; the completion tokens are the same.
-        teacher_prompts = [common.chat_prompt(tokenizer, teacher_prompt(e["question"], e["solution"]))
-                           for e in examples]
-        teacher_encoded = tokenizer(teacher_prompts, return_tensors="pt", padding=True,
-                                    padding_side="left", add_special_tokens=False).to(device)
-        teacher_ids = teacher_encoded["input_ids"].repeat_interleave(args.num_generations, 0)
-        teacher_mask = teacher_encoded["attention_mask"].repeat_interleave(args.num_generations, 0)
+        student_prompts = common.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
+        completions = common.unpadded(rollouts["completion_ids"], rollouts["completion_mask"])
+        num_rows = len(completions)
+        teacher_texts = [common.chat_prompt(tokenizer, teacher_prompt(e["question"], e["solution"]))
+                         for e in examples]
+        teacher_ids = tokenizer(teacher_texts, add_special_tokens=False)["input_ids"]
+        teacher_prompts = [teacher_ids[i // args.num_generations] for i in range(num_rows)]
 
-        num_rows = len(rollouts["texts"])
         num_tokens = common.global_sum(int(rollouts["completion_mask"].sum()))  # of all ranks
         loss_sum, step_tokens = 0.0, 0
         for first in range(0, num_rows, args.micro_batch_size):
-            rows = slice(first, first + args.micro_batch_size)
-            completion_mask = rollouts["completion_mask"][rows]
-            width = int(completion_mask.sum(1).max())  # drop columns that are padding in every row
-            completion_ids = rollouts["completion_ids"][rows, :width]
-            completion_mask = completion_mask[:, :width]
+            rows = range(first, min(first + args.micro_batch_size, num_rows))
+            student_batch = common.pack([student_prompts[i] for i in rows],
+                                        [completions[i] for i in rows], tokenizer.pad_token_id, device)
+            teacher_batch = common.pack([teacher_prompts[i] for i in rows],
+                                        [completions[i] for i in rows], tokenizer.pad_token_id, device)
             with torch.no_grad(), teacher_context(teacher):  # 3. teacher: no gradient, ever
-                teacher_hidden = completion_hidden(teacher, teacher_ids[rows], teacher_mask[rows],
-                                                   completion_ids, completion_mask)  # [B, T, H]
-            student_hidden = completion_hidden(model, rollouts["prompt_ids"][rows],
-                                               rollouts["prompt_mask"][rows],
-                                               completion_ids, completion_mask)  # [B, T, H]
+                teacher_hidden = common.completion_hidden(teacher, teacher_batch)  # [B, T, H]
+            student_hidden = common.completion_hidden(model, student_batch)  # [B, T, H]
+            completion_ids, completion_mask = (student_batch["completion_ids"],
+                                               student_batch["completion_mask"])
             # 4. The loss on this micro-batch is a token mean; weight it by its share of the
             # step's tokens so the step's loss is the token mean over all of them.
             if args.loss == "full":
@@ -235,8 +218,8 @@ def main(argv=None):
             weight = int(completion_mask.sum()) / num_tokens
             (loss * weight).backward()
             loss_sum += loss.item() * weight
-            step_tokens += int(rollouts["prompt_mask"][rows].sum() + teacher_mask[rows].sum()
-                               + 2 * completion_mask.sum())
+            step_tokens += sum(int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
+                               for batch in (student_batch, teacher_batch))
         grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
         step += 1
 

@@ -56,7 +56,7 @@ def parse_args(argv=None):
 def sft_loss(logprobs, completion_mask, num_target_tokens):
     """Token-mean negative log-likelihood of the completion tokens.
 
-    logprobs [B, L-1]: log p of each next token; completion_mask [B, L-1]: 1 on targets.
+    logprobs [B, T]: log p of each completion token; completion_mask [B, T]: 1 on targets.
     Divides by num_target_tokens, the targets of the whole optimizer step, not of this micro-batch.
     """
     return -(logprobs * completion_mask).sum() / num_target_tokens
@@ -80,17 +80,17 @@ def correct_samples(model, tokenizer, examples, args, state):
     with the sampled token ids themselves (no re-tokenisation of the text).
     """
     rollouts = common.sample_rollouts(model, tokenizer, examples, args, state)
+    prompts = common.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
+    completions = common.unpadded(rollouts["completion_ids"], rollouts["completion_mask"])
     rows, seen, num_correct = [], set(), 0
     for i, text in enumerate(rollouts["texts"]):
         question = i // args.rejection_sampling
-        completion = rollouts["completion_ids"][i][rollouts["completion_mask"][i].bool()].tolist()
         if not common.is_correct(text, examples[question]["answer"]):
             continue
         num_correct += 1
         if rollouts["finished"][i] and (question, text) not in seen:
             seen.add((question, text))
-            rows.append((rollouts["prompt_ids"][i][rollouts["prompt_mask"][i].bool()].tolist(),
-                         completion))
+            rows.append((prompts[i], completions[i]))
     return rows, num_correct
 
 
@@ -126,14 +126,13 @@ def main(argv=None):
         loss_sum, step_tokens = 0.0, 0
         for first in range(0, len(rows), args.micro_batch_size):
             micro = rows[first:first + args.micro_batch_size]
-            input_ids, attention_mask, completion_mask = common.pack_rows(
-                [p for p, _ in micro], [c for _, c in micro], tokenizer.pad_token_id, device)
-            logprobs = common.token_logprobs(model, input_ids, attention_mask, completion_mask,
-                                             chunk_size=args.chunk_size)  # [B, L-1]
-            loss = sft_loss(logprobs, completion_mask, num_target_tokens)
+            batch = common.pack([p for p, _ in micro], [c for _, c in micro],
+                                tokenizer.pad_token_id, device)
+            logprobs = common.token_logprobs(model, batch, chunk_size=args.chunk_size)  # [B, T]
+            loss = sft_loss(logprobs, batch["completion_mask"], num_target_tokens)
             loss.backward()  # gradients add up over micro-batches into the step's token mean
             loss_sum += loss.item()
-            step_tokens += int(attention_mask.sum())
+            step_tokens += int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
         grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
         step += 1
 

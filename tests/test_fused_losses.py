@@ -4,6 +4,7 @@ and its sampled-token loss; with LoRA and without, tied and untied output layers
 Granite and Cohere do to their final logits."""
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM,
                           GraniteConfig, GraniteForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
@@ -40,18 +41,28 @@ def tiny_model(kind, lora):
 
 
 def rows():
-    """Two right-padded rows of [prompt | completion] and the mask of completion targets."""
+    """Two rows of [prompt | completion], prompts and completions of different lengths: the
+    token-id lists and their batch (common.pack)."""
     generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(1, V, (2, 9), generator=generator)
-    attention_mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
-    completion_mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0, 0, 0]])
-    return input_ids, attention_mask, completion_mask
+    ids = torch.randint(1, V, (2, 9), generator=generator).tolist()
+    prompts, completions = [ids[0][:3], ids[1][:4]], [ids[0][3:], ids[1][4:6]]
+    return prompts, completions, common.pack(prompts, completions, pad_id=0, device="cpu")
 
 
-def unfused_logprobs(model, input_ids, attention_mask, temperature):
-    """The textbook way: the model's full [B, L, V] logits, log-softmax, gather."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-    return (logits.float() / temperature).log_softmax(-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+def unfused_logits(model, prompts, completions):
+    """The textbook way: each whole row through the model, its full logits at the positions that
+    predict the completion: [N, T, V], zero on padding."""
+    width = max(map(len, completions))
+    return torch.stack([
+        F.pad(model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1],
+              (0, 0, 0, width - len(c))) for p, c in zip(prompts, completions)])
+
+
+def unfused_logprobs(model, prompts, completions, temperature):
+    """log-softmax of the full logits, gathered at the completion tokens: [N, T]."""
+    logits = unfused_logits(model, prompts, completions)
+    targets = common.pack(prompts, completions, pad_id=0, device="cpu")["completion_ids"]
+    return (logits.float() / temperature).log_softmax(-1).gather(-1, targets[..., None])[..., 0]
 
 
 def gradients(model, loss):
@@ -74,15 +85,15 @@ MODELS = [("qwen3-tied", False), ("qwen3-tied", True), ("qwen3-untied", False),
 @pytest.mark.parametrize("kind,lora", MODELS)
 def test_sft_and_grpo_losses_equal_the_unfused_ones(kind, lora):
     model = tiny_model(kind, lora)
-    input_ids, attention_mask, completion_mask = rows()
+    prompts, completions, batch = rows()
+    completion_mask = batch["completion_mask"]
     temperature, num_targets = 0.7, int(completion_mask.sum())
 
     def fused(temperature):
-        return common.token_logprobs(model, input_ids, attention_mask, completion_mask, temperature,
-                                     chunk_size=3)  # chunks that cut across rows
+        return common.token_logprobs(model, batch, temperature, chunk_size=3)  # chunks cut rows
 
     def unfused(temperature):
-        return unfused_logprobs(model, input_ids, attention_mask, temperature) * completion_mask
+        return unfused_logprobs(model, prompts, completions, temperature) * completion_mask
 
     assert_same(model, lambda: sft.sft_loss(fused(1.0), completion_mask, num_targets),
                 lambda: sft.sft_loss(unfused(1.0), completion_mask, num_targets))
@@ -103,36 +114,27 @@ def test_opsd_divergence_equals_the_unfused_one(kind, lora, beta, clip):
     teacher = tiny_model("qwen3-untied" if kind == "qwen3-tied" else "qwen3-tied", False) \
         if not lora else model  # LoRA: the teacher is the base (adapters off), as in opsd.py
     teacher_context = lora_disabled if lora else (lambda _: torch.no_grad())
-    input_ids, attention_mask, _ = rows()
-    prompt_ids, prompt_mask = input_ids[:, :4], attention_mask[:, :4]
-    completion_ids, completion_mask = input_ids[:, 4:], attention_mask[:, 4:]
-    teacher_prompt_ids = torch.flip(prompt_ids, [1])
+    prompts, completions, student_batch = rows()
+    teacher_prompts = [prompt[::-1] + [7] for prompt in prompts]  # another prompt, same completions
+    teacher_batch = common.pack(teacher_prompts, completions, pad_id=0, device="cpu")
+    completion_mask = student_batch["completion_mask"]
     temperature = 1.1
 
-    def teacher_side():
-        with torch.no_grad(), teacher_context(teacher):
-            hidden = opsd.completion_hidden(teacher, teacher_prompt_ids, prompt_mask,
-                                            completion_ids, completion_mask)
-            full = torch.cat([teacher_prompt_ids, completion_ids], 1)
-            logits = teacher(input_ids=full, attention_mask=torch.cat([prompt_mask, completion_mask],
-                                                                      1)).logits[:, 3:-1]
-        return hidden, logits
-
     def fused():
-        teacher_hidden, _ = teacher_side()
-        student_hidden = opsd.completion_hidden(model, prompt_ids, prompt_mask, completion_ids,
-                                                completion_mask)
-        return opsd.divergence(student_hidden, teacher_hidden, completion_mask,
+        with torch.no_grad(), teacher_context(teacher):
+            teacher_hidden = common.completion_hidden(teacher, teacher_batch)
+        return opsd.divergence(common.completion_hidden(model, student_batch), teacher_hidden,
+                               completion_mask,
                                lambda hidden: common.output_logits(model, hidden),
                                lambda hidden: common.output_logits(teacher, hidden),
                                list(model.get_output_embeddings().parameters()),
                                beta, temperature, clip, chunk_size=2)
 
     def unfused():
-        _, teacher_logits = teacher_side()
-        student_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 3:-1]
-        per_position = opsd.pointwise_divergence(student_logits, teacher_logits, beta, temperature,
-                                                 clip)  # [N, T]
+        with torch.no_grad(), teacher_context(teacher):
+            teacher_logits = unfused_logits(teacher, teacher_prompts, completions)
+        per_position = opsd.pointwise_divergence(unfused_logits(model, prompts, completions),
+                                                 teacher_logits, beta, temperature, clip)  # [N, T]
         return (per_position * completion_mask).sum() / completion_mask.sum()
 
     assert_same(model, fused, unfused)
@@ -141,18 +143,18 @@ def test_opsd_divergence_equals_the_unfused_one(kind, lora, beta, clip):
 @pytest.mark.parametrize("kind,lora", MODELS)
 def test_opsd_sampled_token_loss_equals_the_unfused_one(kind, lora):
     model = tiny_model(kind, lora)
-    input_ids, attention_mask, completion_mask = rows()
-    mask = completion_mask.bool()
-    targets = input_ids[:, 1:][mask]
+    prompts, completions, batch = rows()
+    mask = batch["completion_mask"].bool()
+    targets = batch["completion_ids"][mask]
     teacher_logprobs = -torch.rand(len(targets))
 
     def fused():
-        hidden = common.hidden_states(model, input_ids, attention_mask)[:, :-1]
+        hidden = common.completion_hidden(model, batch)[mask]
         return opsd.sampled_token_loss(
-            common.target_logprobs(model, hidden[mask], targets, 1.1, chunk_size=2), teacher_logprobs)
+            common.target_logprobs(model, hidden, targets, 1.1, chunk_size=2), teacher_logprobs)
 
     def unfused():
-        return opsd.sampled_token_loss(unfused_logprobs(model, input_ids, attention_mask, 1.1)[mask],
+        return opsd.sampled_token_loss(unfused_logprobs(model, prompts, completions, 1.1)[mask],
                                        teacher_logprobs)
 
     assert_same(model, fused, unfused)
@@ -164,14 +166,14 @@ def test_the_output_layer_sees_only_completion_positions_a_chunk_at_a_time(lora,
     prompt positions are never sent through it. The speed claim: with a frozen output layer (LoRA)
     the backward pass recomputes nothing; a trained one (full fine-tuning) is passed twice."""
     model = tiny_model("qwen3-untied", lora)
-    input_ids, attention_mask, completion_mask = rows()
+    _, _, batch = rows()
     widths = []
     head = model.get_output_embeddings()
     head.register_forward_hook(lambda module, inputs, output: widths.append(inputs[0].shape[:-1]))
-    logprobs = common.token_logprobs(model, input_ids, attention_mask, completion_mask, chunk_size=3)
+    logprobs = common.token_logprobs(model, batch, chunk_size=3)
     logprobs.sum().backward()
     assert all(len(shape) == 1 and shape[0] <= 3 for shape in widths)
-    assert sum(shape[0] for shape in widths) == passes * int(completion_mask.sum())
+    assert sum(shape[0] for shape in widths) == passes * int(batch["completion_mask"].sum())
 
 
 @pytest.mark.parametrize("shape", [(7,), (7, 3, 4), (5, 5, 2)])

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 import common
+from lora import apply_lora
 
 
 def test_batched_greedy_equals_one_prompt_at_a_time(toy):
@@ -36,29 +38,73 @@ def test_completion_mask_ends_at_the_first_eos_inclusive(toy):
         assert (ids[row, n:] == tokenizer.pad_token_id).all()
 
 
-def test_pack_rows_trains_eos_even_when_pad_equals_eos():
+def test_pack_shares_prompts_and_trains_eos_even_when_pad_equals_eos():
     eos = pad = 2
-    input_ids, attention_mask, completion_mask = common.pack_rows(
-        [[5, 6, 7], [5]], [[8, 9, eos], [8, eos]], pad_id=pad, device="cpu")
-    assert input_ids.tolist() == [[5, 6, 7, 8, 9, eos], [5, 8, eos, pad, pad, pad]]
-    assert attention_mask.tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
-    # targets are input_ids[:, 1:]: the completion (EOS included) and nothing else
-    assert completion_mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 0, 0, 0]]
-    targets = input_ids[:, 1:]
-    assert targets[completion_mask.bool()].tolist() == [8, 9, eos, 8, eos]
+    batch = common.pack([[5, 6, 7], [5], [5, 6, 7]], [[8, 9, eos], [8, eos], [9, eos]], pad_id=pad,
+                        device="cpu")
+    assert batch["prompt_ids"].tolist() == [[5, 6, 7], [pad, pad, 5]]  # each prompt once, left padded
+    assert batch["prompt_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["prompt_of_row"].tolist() == [0, 1, 0]
+    assert batch["completion_ids"].tolist() == [[8, 9, eos], [8, eos, pad], [9, eos, pad]]
+    assert batch["completion_mask"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 1, 0]]  # EOS is a target
+
+
+def rows_and_batch(tokenizer, samples_per_prompt=3):
+    """Prompts of different lengths, each with completions of different lengths, and their batch."""
+    prompts = [tokenizer(common.chat_prompt(tokenizer, common.student_message(e)),
+                         add_special_tokens=False)["input_ids"]
+               for e in common.load_examples("toy", "test")[:4]]
+    prompts = [prompts[0], prompts[1], prompts[3]]
+    assert len({len(p) for p in prompts}) == 3
+    generator = torch.Generator().manual_seed(0)
+    rows = [(prompt, torch.randint(3, 90, (length,), generator=generator).tolist())
+            for prompt in prompts for length in (5, 1, 9)[:samples_per_prompt]]
+    return rows, common.pack([p for p, _ in rows], [c for _, c in rows], tokenizer.pad_token_id, "cpu")
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_shared_prompt_passes_equal_one_pass_per_row_and_their_gradients(gradient_checkpointing):
+    """completion_hidden computes each prompt once and shares its keys and values with its
+    completions: hidden states and LoRA gradients equal a plain forward over each whole row,
+    with and without gradient checkpointing (which recomputes the layers in the backward pass)."""
+    model, tokenizer = common.load_model("toy", gradient_checkpointing=gradient_checkpointing)
+    apply_lora(model, r=4, alpha=8)
+    torch.manual_seed(0)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            torch.nn.init.normal_(parameter, std=0.05)  # B = 0 would make every gradient path alike
+    model.train()
+    rows, batch = rows_and_batch(tokenizer)
+    assert batch["prompt_ids"].shape[0] == 3 and batch["completion_ids"].shape[0] == 9
+    weights = torch.randn(9, batch["completion_ids"].shape[1], model.config.hidden_size)
+    mask = batch["completion_mask"].bool()
+    shared = common.completion_hidden(model, batch)  # [9, T, H]
+    (shared[mask] * weights[mask]).sum().backward()
+    shared_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    loss = 0
+    for i, (prompt, completion) in enumerate(rows):  # one row at a time, no padding, no cache
+        ids = torch.tensor([prompt + completion])
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0, len(prompt) - 1:-1]
+        assert torch.allclose(shared[i, :len(completion)], hidden, atol=1e-4)
+        loss = loss + (hidden * weights[i, :len(completion)]).sum()
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert torch.allclose(shared_grads[name], parameter.grad, atol=1e-4, rtol=1e-4), name
 
 
 def test_token_logprobs_match_a_log_softmax(toy):
     model, tokenizer = toy
-    input_ids = torch.tensor([[3, 4, 5, 6, 7]])
-    attention_mask = torch.ones_like(input_ids)
-    completion_mask = torch.tensor([[0, 1, 1, 1]])  # the first target is a prompt token
-    logprobs = common.token_logprobs(model, input_ids, attention_mask, completion_mask, chunk_size=2)
-    with torch.no_grad():
-        reference = model(input_ids).logits.log_softmax(-1)
-    expected = torch.stack([reference[0, t, input_ids[0, t + 1]] if t else torch.tensor(0.0)
-                            for t in range(4)])
-    assert torch.allclose(logprobs[0].detach(), expected, atol=1e-5)
+    rows, batch = rows_and_batch(tokenizer)
+    logprobs = common.token_logprobs(model, batch, chunk_size=2)  # [N, T]
+    for i, (prompt, completion) in enumerate(rows):
+        with torch.no_grad():
+            reference = model(torch.tensor([prompt + completion])).logits[0].log_softmax(-1)
+        expected = reference[len(prompt) - 1:-1].gather(1, torch.tensor(completion)[:, None])[:, 0]
+        assert torch.allclose(logprobs[i, :len(completion)].detach(), expected, atol=1e-5)
+        assert not logprobs[i, len(completion):].any()  # padding: 0
 
 
 def test_evaluate_counts_correct_answers(toy):

@@ -142,9 +142,9 @@ def test_rows_with_zero_advantage_are_skipped_without_changing_the_gradient(tmp_
         norms.append(real_step(*args))
         return norms[-1]
 
-    def record_rows(model, input_ids, *args, **kwargs):
-        trained_rows[-1] += input_ids.shape[0]
-        return real_logprobs(model, input_ids, *args, **kwargs)
+    def record_rows(model, batch, *args, **kwargs):
+        trained_rows[-1] += batch["completion_ids"].shape[0]
+        return real_logprobs(model, batch, *args, **kwargs)
     monkeypatch.setattr(common, "optimizer_step", record_step)
     monkeypatch.setattr(common, "token_logprobs", record_rows)
     quick = ["--steps", "1", "--batch-size", "4", "--eval-n", "4", "--max-new-tokens", "32"]

@@ -128,41 +128,18 @@ def test_sampled_token_loss_matches_the_formula():
     assert torch.allclose(student_logprobs.grad, -advantages * mask / mask.sum())
 
 
-def test_completion_hidden_states_line_up_whatever_the_prompt(toy):
-    """Batched, left-padded rows give the logits of each row run alone, at the completion tokens."""
-    model, tokenizer = toy
-    prompts = ["Tom has 3 pens.", "A much longer prompt: Ben has 33 eggs and finds 6 more."]
-    completions = ["3+1=4\n#### 4", "33+6=39"]
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
-    P, T = max(map(len, prompt_ids)), max(map(len, completion_ids))
-    pad = tokenizer.pad_token_id
-    batch_prompt = torch.tensor([[pad] * (P - len(p)) + p for p in prompt_ids])
-    batch_prompt_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompt_ids])
-    batch_completion = torch.tensor([c + [pad] * (T - len(c)) for c in completion_ids])
-    batch_completion_mask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in completion_ids])
-    with torch.no_grad():
-        hidden = opsd.completion_hidden(model, batch_prompt, batch_prompt_mask, batch_completion,
-                                        batch_completion_mask)
-        batched = common.output_logits(model, hidden)
-        assert batched.shape == (2, T, model.config.vocab_size)
-        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-            alone = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:len(p) + len(c) - 1]
-            assert torch.allclose(batched[i, :len(c)], alone, atol=1e-4)
-
-
 def test_training_step_sees_the_same_completion_and_keeps_the_fixed_teacher(tmp_path, monkeypatch, toy):
     calls = []
-    real_completion_hidden = opsd.completion_hidden
+    real_completion_hidden = common.completion_hidden
 
-    def recording(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-        hidden = real_completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    def recording(model, batch):
+        hidden = real_completion_hidden(model, batch)
         disabled = all(layer.disabled for layer in lora_layers(model))
-        calls.append((prompt_ids.clone(), completion_ids.clone(), completion_mask.clone(),
+        calls.append((batch["prompt_ids"], batch["completion_ids"], batch["completion_mask"],
                       disabled, hidden.requires_grad))
         return hidden
 
-    monkeypatch.setattr(opsd, "completion_hidden", recording)
+    monkeypatch.setattr(common, "completion_hidden", recording)
     out = tmp_path / "opsd"
     opsd.main(["--steps", "2", "--batch-size", "4", "--eval-n", "4", "--out", str(out)])
     assert len(calls) == 4  # teacher, student; twice
@@ -185,15 +162,17 @@ def test_training_step_sees_the_same_completion_and_keeps_the_fixed_teacher(tmp_
 
 def heldout_divergence(student, teacher, tokenizer, examples, rollouts):
     """Mean forward KL(teacher || student) on fixed rollouts, computed as opsd.main does."""
-    teacher_prompts = [common.chat_prompt(tokenizer, opsd.teacher_prompt(e["question"], e["solution"]))
-                       for e in examples]
-    encoded = tokenizer(teacher_prompts, return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=False)
+    teacher_texts = [common.chat_prompt(tokenizer, opsd.teacher_prompt(e["question"], e["solution"]))
+                     for e in examples]
+    teacher_prompts = tokenizer(teacher_texts, add_special_tokens=False)["input_ids"]
+    completions = common.unpadded(rollouts["completion_ids"], rollouts["completion_mask"])
+    pad = tokenizer.pad_token_id
     with torch.no_grad():
-        teacher_hidden = opsd.completion_hidden(teacher, encoded["input_ids"], encoded["attention_mask"],
-                                                rollouts["completion_ids"], rollouts["completion_mask"])
-        student_hidden = opsd.completion_hidden(student, rollouts["prompt_ids"], rollouts["prompt_mask"],
-                                                rollouts["completion_ids"], rollouts["completion_mask"])
+        teacher_hidden = common.completion_hidden(teacher, common.pack(teacher_prompts, completions,
+                                                                       pad, "cpu"))
+        student_prompts = common.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
+        student_hidden = common.completion_hidden(student, common.pack(student_prompts, completions,
+                                                                       pad, "cpu"))
         return opsd.divergence(student_hidden, teacher_hidden, rollouts["completion_mask"],
                                lambda hidden: common.output_logits(student, hidden),
                                lambda hidden: common.output_logits(teacher, hidden), [],

@@ -69,12 +69,13 @@ def test_every_script_runs_two_steps(smollm2, tmp_path, monkeypatch, capsys):
                                "--out", str(tmp_path / "grpo")])
 
     calls = []
-    real_completion_hidden = opsd.completion_hidden
+    real_completion_hidden = common.completion_hidden
 
-    def recording(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-        calls.append((prompt_ids, prompt_mask, completion_ids, completion_mask))
-        return real_completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
-    monkeypatch.setattr(opsd, "completion_hidden", recording)
+    def recording(model, batch):
+        calls.append((batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
+                      batch["completion_mask"]))
+        return real_completion_hidden(model, batch)
+    monkeypatch.setattr(common, "completion_hidden", recording)
     opsd.main(model + SMALL + ["--gradient-checkpointing", "--out", str(tmp_path / "opsd")])
     for name in ["sft", "rft", "grpo", "opsd"]:
         assert all(torch.isfinite(torch.tensor(losses(tmp_path / name)))), name
