@@ -19,12 +19,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import (DummyLayer, DynamicCache, DynamicLayer,
+                                      DynamicSlidingWindowLayer)
 
 from lora import apply_lora, load_lora, save_lora
 
 REPO = Path(__file__).resolve().parent
 TOY_DIR = REPO / "toy"  # the built-in task (train.jsonl, test.jsonl) and model (toy/model)
+# transformers' KV-cache layers that `completion_hidden` replaces by its own: attention, plain or
+# with a sliding window. Besides those, `load_model` accepts only DummyLayer (a layer that reads
+# another layer's keys and values: Gemma 4), not linear attention or other recurrent state.
+ATTENTION_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 
 
 class InputError(Exception):
@@ -254,6 +259,11 @@ def load_model(name_or_path="toy", dtype="auto", full=False, gradient_checkpoint
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"cannot load model '{name_or_path}': not a model folder here and not a "
                          f"downloadable Hugging Face model id ({reason})") from None
+    cache_layers = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
+    unsupported = sorted(cache_layers - {kind.__name__ for kind in (*ATTENTION_CACHE_LAYERS, DummyLayer)})
+    if unsupported:
+        raise InputError(f"cannot use model '{name_or_path}': its KV cache has {', '.join(unsupported)}"
+                         " layers, and the scripts' sampler and training pass handle attention only")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # safe: masks are built from lengths, not pad ids
     tokenizer.padding_side = "left"  # generation appends on the right, so prompts align on the right
@@ -273,7 +283,10 @@ def load_model(name_or_path="toy", dtype="auto", full=False, gradient_checkpoint
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        for layer in model.modules():  # keep the training cache: it is only read (SharedPromptLayer)
+        # Keep the cache in recomputed layers. Safe here: the only cache used with gradients is
+        # completion_hidden's, which a recompute reads (SharedPromptLayer) or writes the same
+        # again (PromptRecorder); `generate` runs without gradients, where nothing is recomputed.
+        for layer in model.modules():
             if isinstance(layer, GradientCheckpointingLayer):
                 layer._can_checkpoint_with_cache = True
     return model, tokenizer
@@ -665,7 +678,7 @@ def unpadded(ids, mask):
 
 
 # ----------------------------------------------------------------------------------------------
-# Log-probabilities from hidden states: the output layer a chunk of positions at a time
+# The training forward pass: each prompt once, its keys and values shared by its completions
 
 def pack(prompts, completions, pad_id, device):
     """A training batch from N rows of token-id lists, row i = prompts[i] + completions[i]: each
@@ -694,18 +707,33 @@ def pack(prompts, completions, pad_id, device):
             "prompt_of_row": torch.tensor(prompt_of_row, device=device)}
 
 
-class SharedPromptLayer(DynamicLayer):
-    """One attention layer's cache in a training forward pass (`completion_hidden`): the keys and
-    values of the rows' prompts. update() returns them followed by the new positions' and stores
-    nothing, so a layer that gradient checkpointing recomputes sees exactly what it saw the first
-    time. In the prompt pass it holds nothing yet, and the new keys and values are read back from
-    `added`."""
+class PromptRecorder(DynamicLayer):
+    """An attention layer's cache in the prompt pass of `completion_hidden`: no earlier positions;
+    it keeps the prompts' keys and values for the completion pass. (A layer that gradient
+    checkpointing recomputes writes the same ones again.)"""
 
     def update(self, key_states, value_states, *args, **kwargs):
-        self.added = key_states, value_states
-        if not self.is_initialized:  # the prompt pass: no earlier positions
-            return key_states, value_states
-        return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+        self.keys, self.values = key_states, value_states  # [M, heads, P, head_dim]
+        return key_states, value_states
+
+
+class SharedPromptLayer(DynamicLayer):
+    """An attention layer's cache in the completion pass of `completion_hidden`: the keys and values
+    of the M prompts and which prompt each of the N rows continues. update() returns each row's
+    prompt followed by the row's new positions, and stores nothing, so a layer that gradient
+    checkpointing recomputes sees exactly what it saw the first time. The rows' copies of their
+    prompt are made inside update(), so checkpointing recomputes them instead of keeping them."""
+
+    def __init__(self, prompt_keys, prompt_values, prompt_of_row):
+        super().__init__()
+        self.keys, self.values, self.prompt_of_row = prompt_keys, prompt_values, prompt_of_row
+        self.is_initialized = True  # get_seq_length() is the prompt length, for the attention mask
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        # index_select, not keys[rows]: its backward adds up the rows of a prompt in a fixed
+        # order; that of indexing does not on several threads (runs would differ in the 7th digit)
+        return (torch.cat([self.keys.index_select(0, self.prompt_of_row), key_states], -2),
+                torch.cat([self.values.index_select(0, self.prompt_of_row), value_states], -2))
 
 
 def completion_hidden(model, batch):
@@ -718,7 +746,8 @@ def completion_hidden(model, batch):
     tokens and 8 completions of 48 are 568 positions instead of 8 x 232 = 1,856. The hidden states,
     and their gradients, which flow through the shared keys and values into the prompt pass, are
     those of one pass over each [prompt | completion] row. Position ids count real tokens only, so
-    left padding shifts nothing.
+    left padding shifts nothing. With gradient checkpointing, the prompts' keys and values are
+    kept from one pass to the other (about one layer input's worth per prompt position and layer).
 
     The output layer is not applied here: at a real vocabulary its logits are the largest tensor of
     a step ([N, T, V]; with Qwen3's V = 151,936 one row of 1024 positions is 620 MB in float32), so
@@ -732,17 +761,14 @@ def completion_hidden(model, batch):
         return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        cache=cache, use_cache=False).last_hidden_state  # the cache is ours, read only
 
-    prompt_layers = [SharedPromptLayer() for _ in DynamicCache(config=model.config).layers]
+    # Attention layers (plain or sliding-window) get ours; a layer that reads another layer's keys
+    # and values (DummyLayer: Gemma 4's KV sharing) stays as it is (`load_model` checks the rest).
+    prompt_layers = [PromptRecorder() if type(layer) in ATTENTION_CACHE_LAYERS else layer
+                     for layer in DynamicCache(config=model.config).layers]
     prompt_hidden = run(batch["prompt_ids"], prompt_mask, (prompt_mask.cumsum(1) - 1).clamp(min=0),
                         prompt_layers)  # [M, P, H]
-    completion_layers = []
-    for prompt_layer in prompt_layers:  # each row gets its prompt's keys and values
-        layer = SharedPromptLayer()
-        layer.lazy_initialization(*prompt_layer.added)
-        # index_select, not states[rows]: its backward adds up the rows of a prompt in a fixed
-        # order; that of indexing does not on several threads (runs would differ in the 7th digit)
-        layer.keys, layer.values = (states.index_select(0, rows) for states in prompt_layer.added)
-        completion_layers.append(layer)
+    completion_layers = [SharedPromptLayer(layer.keys, layer.values, rows)
+                         if isinstance(layer, PromptRecorder) else layer for layer in prompt_layers]
     completion_mask = batch["completion_mask"]
     positions = prompt_mask.sum(1)[rows, None] + torch.arange(completion_mask.shape[1],
                                                               device=rows.device)  # [N, T]
@@ -751,6 +777,9 @@ def completion_hidden(model, batch):
     last = prompt_hidden[:, -1:].index_select(0, rows)  # [N, 1, H]: predicts completion token 0
     return torch.cat([last, hidden[:, :-1]], 1)
 
+
+# ----------------------------------------------------------------------------------------------
+# Log-probabilities from hidden states: the output layer a chunk of positions at a time
 
 def output_logits(model, hidden):
     """The model's logits from its final hidden states [..., H] -> [..., V]: the output layer (tied
