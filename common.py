@@ -1,7 +1,8 @@
 """common.py: what sft.py, grpo.py and opsd.py share, as plain functions.
 
-Model and tokenizer loading, data, prompts and answer checking, generation, evaluation, AdamW and
-the learning-rate schedule, checkpointing and logging. Nothing here knows which method is running.
+Model and tokenizer loading, data, prompts and answer checking, generation, the training forward
+pass (each prompt once) and log-probabilities a chunk at a time, evaluation, AdamW and the
+learning-rate schedule, checkpointing and logging. Nothing here knows which method is running.
 """
 import argparse
 import importlib.util
