@@ -170,7 +170,8 @@ def main(argv=None):
         trained = keep & (advantages != 0) if args.beta == 0 else keep
         trained = trained if trained.any() else keep
 
-        # 3. Training rows: prompt without its left padding + completion up to its EOS.
+        # 3. Training rows: prompt without its left padding + completion up to its EOS. A micro-
+        # batch runs each of its prompts once, for all its rows (`common.pack`).
         prompt_rows = common.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
         completion_rows = common.unpadded(rollouts["completion_ids"], rollouts["completion_mask"])
         rows_trained = trained.nonzero().flatten().tolist()
