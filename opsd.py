@@ -88,7 +88,9 @@ def pointwise_divergence(student_logits, teacher_logits, beta, temperature, clip
     Forward KL is mass-covering (the student must put mass wherever the teacher does), reverse KL
     mode-seeking. JSD_beta tends to 0 as beta -> 0 or 1, so the two endpoints are *defined* as the
     plain KLs above (as in TRL's GKD): the loss is discontinuous there, on purpose.
-    clip > 0 caps each vocabulary entry from above before the sum: min(entry_v, clip).
+    clip > 0 caps each vocabulary entry from above before the sum: min(entry_v, clip). An entry is
+    negative where the other distribution puts more mass (forward KL: P_S(v) > P_T(v)) and is not
+    capped, so with the cap the sum, and the logged loss, can fall slightly below 0.
     """
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
