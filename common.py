@@ -936,6 +936,7 @@ def sample_metrics(sampled_answers, references):
     maj@k: the majority-voted answer (`majority_vote`) is correct.
     more_than_half@k: more than k/2 of the samples are correct (the "5 of 8" some comparisons
     report as "majority@8": a different and stricter metric than maj@k).
+    format@k: the share of samples with a readable final answer, right or wrong.
     """
     k = len(sampled_answers[0])
     correct = [sum(answer == reference for answer in answers)
@@ -947,6 +948,8 @@ def sample_metrics(sampled_answers, references):
     metrics[f"maj@{k}"] = sum(majority_vote(answers) == reference for answers, reference
                               in zip(sampled_answers, references)) / problems
     metrics[f"more_than_half@{k}"] = sum(2 * c > k for c in correct) / problems
+    metrics[f"format@{k}"] = sum(answer is not None for answers in sampled_answers
+                                 for answer in answers) / (k * problems)
     return metrics
 
 
@@ -954,7 +957,8 @@ def evaluate(model, tokenizer, examples, max_new_tokens, batch_size=64, message=
              temperature=1.0, top_p=1.0, top_k=0, seed=0):
     """Greedy accuracy on `examples`, and with k > 0 the `sample_metrics` of k samples per problem.
 
-    Returns {"accuracy", "n"} (+ "k", "temperature", "mean@k", "pass@j", "maj@k", ...).
+    Returns {"accuracy", "format", "n"} (+ "k", "temperature", "mean@k", "pass@j", "maj@k", ...);
+    format is the share of greedy completions with a readable final answer (`extract_answer`).
     message(example) -> the user message; default `student_message` (the problem alone).
     batch_size counts rows of a generate call: batch_size // k problems at a time when sampling.
     The samples come from a random stream of their own, seeded by `seed`, and the caller's random
@@ -989,8 +993,10 @@ def evaluate(model, tokenizer, examples, max_new_tokens, batch_size=64, message=
     shards = gather_objects(answers)  # problem i was answered by rank i % N, as its (i // N)-th
     answers = {name: [shards[i % len(shards)][name][i // len(shards)] for i in range(len(examples))]
                for name in answers}
-    result = {"accuracy": sum(a[0] == r for a, r in zip(answers["greedy"], references))
-              / max(1, len(examples)), "n": len(examples)}
+    greedy = [answer for answer, in answers["greedy"]]  # one answer per problem
+    result = {"accuracy": sum(a == r for a, r in zip(greedy, references)) / len(examples),
+              "format": sum(answer is not None for answer in greedy) / len(examples),
+              "n": len(examples)}
     if k:
         result.update({"k": k, "temperature": temperature},
                       **sample_metrics(answers[f"{k} samples"], references))
@@ -1002,7 +1008,8 @@ def describe(result):
     if result["n"] == 0:
         return "no held-out evaluation (--eval-n 0)"
     extra = "".join(f"  {key} {value:.3f}" for key, value in result.items() if "@" in key)
-    return f"held-out accuracy {result['accuracy']:.3f} (n={result['n']}){extra}"
+    return (f"held-out accuracy {result['accuracy']:.3f} (n={result['n']}, format "
+            f"{result['format']:.3f}){extra}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1246,10 +1253,14 @@ def run_evaluation(args, model, tokenizer, eval_examples, state, k=0):
 
 def periodic_evaluation(args, step, model, tokenizer, eval_examples, state):
     """Every --eval-every steps (not the last: finish_run evaluates it), the greedy held-out
-    accuracy for the step's metrics: {"eval_accuracy": ...}, else {}."""
+    accuracy and format share for the step's metrics, with the run's seconds so far that were not
+    spent evaluating (the x of an accuracy-against-time plot); else {}."""
     if not args.eval_every or step % args.eval_every or step == args.steps or not eval_examples:
         return {}
-    return {"eval_accuracy": run_evaluation(args, model, tokenizer, eval_examples, state)["accuracy"]}
+    train_seconds = round(state["wall_seconds"] - state["eval_seconds"], 1)
+    result = run_evaluation(args, model, tokenizer, eval_examples, state)
+    return {"eval_accuracy": result["accuracy"], "eval_format": result["format"],
+            "train_seconds": train_seconds}
 
 
 def optimizer_step(model, optimizer, scheduler, max_grad_norm):

@@ -55,6 +55,7 @@ def test_sample_metrics_on_a_hand_counted_case():
     assert metrics["pass@4"] == 1.0
     assert metrics["maj@4"] == pytest.approx(2 / 3)  # problems 1 and 3
     assert metrics["more_than_half@4"] == pytest.approx(1 / 3)  # only problem 3: 2 of 4 is not more
+    assert metrics["format@4"] == pytest.approx(10 / 12)  # two samples had no final answer
 
 
 def test_evaluate_with_samples_keeps_greedy_accuracy_and_orders_the_metrics(toy):
@@ -113,7 +114,8 @@ def test_compare_prints_mean_and_spread_over_seeds(tmp_path, capsys):
             fake_run(tmp_path / "a1", "alpha", before,
                      {"accuracy": 0.60, "n": 100, "k": 8, "mean@8": 0.55, "pass@8": 0.90,
                       "maj@8": 0.60}, 5000, [(2500, 0.5)]),
-            fake_run(tmp_path / "b0", "beta", before, {"accuracy": 0.7, "n": 100}, 0, [(0, 0.6)])]
+            fake_run(tmp_path / "b0", "beta", before, {"accuracy": 0.7, "format": 0.9, "n": 100},
+                     0, [(0, 0.6)])]
     plot = tmp_path / "compare.png"
     compare.main([*runs, "--plot", str(plot)])
     lines = capsys.readouterr().out.splitlines()
@@ -129,6 +131,7 @@ def test_compare_prints_mean_and_spread_over_seeds(tmp_path, capsys):
     assert alpha["wall time w/o eval (s)"] == "50 ± 0"  # wall 70 s less 20 s of evaluation
     beta = dict(zip(header, table["beta"]))
     assert beta["greedy accuracy (%)"] == "70.0" and beta["pass@8 (%)"] == "–"
+    assert beta["greedy format (%)"] == "90.0" and alpha["greedy format (%)"] == "–"
     base = dict(zip(header, table["base (before)"]))
     assert base["runs"] == "3" and base["greedy accuracy (%)"] == "40.0 ± 0.0"
     try:
@@ -169,8 +172,11 @@ def test_sampled_evaluation_does_not_change_the_training_run(tmp_path):
     def rows(name):
         return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     assert "eval_accuracy" in rows("evaluated")[0]  # it did sample and evaluate in between
+    summary = json.loads((tmp_path / "evaluated" / "summary.json").read_text())
+    # The training seconds at the evaluation leave out the evaluations before it ("before" included).
+    train_seconds = rows("evaluated")[0]["train_seconds"]
+    assert 0 < train_seconds < summary["wall_seconds"] - summary["eval_seconds"]
     for plain, evaluated in zip(rows("plain"), rows("evaluated"), strict=True):
         for key in ["reward", "loss", "grad_norm", "generated_tokens"]:
             assert plain[key] == evaluated[key], key
-    summary = json.loads((tmp_path / "evaluated" / "summary.json").read_text())
     assert summary["before"]["k"] == 4 and "mean@4" in summary["after"]

@@ -167,6 +167,11 @@ def test_evaluate_counts_correct_answers(toy):
     texts = common.generate(model, tokenizer, prompts, 64)["texts"]
     assert result["n"] == 20
     assert result["accuracy"] == sum(common.is_correct(t, e["answer"]) for t, e in zip(texts, examples)) / 20
+    # Cut short, some completions end before their '####' line: format counts those that do not.
+    short = common.evaluate(model, tokenizer, examples, max_new_tokens=26, batch_size=7)
+    texts = common.generate(model, tokenizer, prompts, 26)["texts"]
+    answered = sum(common.extract_answer(text) is not None for text in texts)
+    assert 0 < answered < 20 and short["format"] == answered / 20
 
 
 def toy_prompts(tokenizer, n):

@@ -1,6 +1,6 @@
 """The comparison of finished runs: a Markdown table (mean ± sd over seeds, grouped by method and by
-the settings that differ) and a plot of held-out greedy accuracy against generated tokens (when
-matplotlib is installed).
+the settings that differ) and a plot of held-out greedy accuracy against generated tokens and
+against training time (when matplotlib is installed).
 
     python toy/compare.py out/study/sft-* out/study/grpo-* out/study/opsd-* --plot toy/compare.png
 
@@ -71,8 +71,10 @@ def compare_command(args):
     for name, (summary, rows) in zip(group_names([summary for summary, _ in runs]), runs):
         methods.setdefault(name, []).append((summary, rows))
     k = max(summary["after"].get("k", 0) for summary, _ in runs)
-    accuracies = ["accuracy"] + ([f"mean@{k}", f"pass@{k}", f"maj@{k}"] if k else [])
-    header = (["method", "runs", "greedy accuracy (%)"] + [f"{name} (%)" for name in accuracies[1:]]
+    accuracies = ["accuracy", "format"] + ([f"mean@{k}", f"pass@{k}", f"maj@{k}", f"format@{k}"]
+                                           if k else [])
+    header = (["method", "runs", "greedy accuracy (%)", "greedy format (%)"]
+              + [f"{name} (%)" for name in accuracies[2:]]
               + ["generated tokens", "training tokens", "wall time w/o eval (s)"])
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for method, group in methods.items():
@@ -91,23 +93,33 @@ def compare_command(args):
 
 
 def plot_runs(methods, path):
-    """One line per run from (0, accuracy before) through its --eval-every points to the end."""
+    """Held-out greedy accuracy of each run, one line from its start through its --eval-every
+    points to its end: against the tokens it had generated (left) and against its seconds of
+    training, evaluation left out (right; eval points of runs older than this measure are
+    skipped)."""
     import matplotlib
     matplotlib.use("Agg")  # a file, no display
     import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    figure, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for index, (method, group) in enumerate(methods):
         for run, (summary, rows) in enumerate(group):
-            points = ([(0, summary["before"]["accuracy"])]
-                      + [(row["generated_tokens"], row["eval_accuracy"])
+            points = ([(0, 0, summary["before"]["accuracy"])]
+                      + [(row["generated_tokens"], row.get("train_seconds"), row["eval_accuracy"])
                          for row in rows if "eval_accuracy" in row]
-                      + [(summary["generated_tokens"], summary["after"]["accuracy"])])
-            points = [(x, y) for x, y in points if y is not None]  # --eval-n 0: none
-            axes.plot([x for x, _ in points], [100 * y for _, y in points], marker="o",
-                      markersize=3, color=f"C{index}", alpha=0.8, label=method if run == 0 else None)
-    axes.set(xlabel="generated tokens (sampling cost)", ylabel="held-out greedy accuracy (%)")
-    axes.grid(alpha=0.3)
-    axes.legend()
+                      + [(summary["generated_tokens"],
+                          summary["wall_seconds"] - summary.get("eval_seconds", 0),
+                          summary["after"]["accuracy"])])
+            points = [point for point in points if point[2] is not None]  # --eval-n 0: none
+            style = dict(marker="o", markersize=3, color=f"C{index}", alpha=0.8,
+                         label=method if run == 0 else None)
+            by_tokens.plot([x for x, _, _ in points], [100 * y for _, _, y in points], **style)
+            timed = [(x, y) for _, x, y in points if x is not None]
+            by_time.plot([x for x, _ in timed], [100 * y for _, y in timed], **style)
+    by_tokens.set(xlabel="generated tokens (sampling cost)", ylabel="held-out greedy accuracy (%)")
+    by_time.set(xlabel="seconds of training (evaluation left out)")
+    for axes in (by_tokens, by_time):
+        axes.grid(alpha=0.3)
+    by_tokens.legend()
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
