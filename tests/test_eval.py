@@ -152,6 +152,27 @@ def test_compare_groups_runs_by_the_settings_that_differ_not_by_seed(tmp_path, c
     assert table["sft --steps 1"] == "1" and table["sft --steps 2"] == "2"  # runs in each group
 
 
+def test_compare_takes_sampled_metrics_from_a_later_evaluation_of_the_same_model(tmp_path, capsys):
+    greedy_only = {"accuracy": 0.4, "format": 1.0, "n": 100}
+    run = fake_run(tmp_path / "a0", "alpha", greedy_only, {"accuracy": 0.5, "format": 1.0, "n": 100},
+                   3000, [(1000, 0.45)])
+    for folder, accuracy, mean in [(tmp_path / "a0", 0.5, 0.42), (tmp_path / "base", 0.4, 0.3)]:
+        folder.mkdir(exist_ok=True)
+        (folder / "eval.json").write_text(json.dumps(
+            {"accuracy": accuracy, "format": 1.0, "n": 100, "k": 4, "mean@4": mean, "pass@4": 0.7,
+             "maj@4": 0.45, "format@4": 0.9}))
+    compare.main([run, "--base", str(tmp_path / "base"), "--plot", str(tmp_path / "plot.png")])
+    table = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+             for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    alpha = dict(zip(table["method"], table["alpha"]))
+    base = dict(zip(table["method"], table["base (before)"]))
+    assert (alpha["greedy accuracy (%)"], alpha["mean@4 (%)"], alpha["format@4 (%)"]) == ("50.0", "42.0", "90.0")
+    assert (base["greedy accuracy (%)"], base["mean@4 (%)"]) == ("40.0", "30.0")
+    # An eval.json whose greedy accuracy is not the run's evaluated another model: refused.
+    with pytest.raises(common.InputError, match="another model"):
+        compare.main([run, "--base", str(tmp_path / "a0")])
+
+
 def test_compare_names_a_folder_without_a_summary(tmp_path):
     with pytest.raises(common.InputError, match="no summary.json"):
         compare.main([str(tmp_path)])

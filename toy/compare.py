@@ -4,8 +4,15 @@ against training time (when matplotlib is installed).
 
     python toy/compare.py out/study/sft-* out/study/grpo-* out/study/opsd-* --plot toy/compare.png
 
-It reads only the runs' summary.json and metrics.jsonl, so it works for any runs; the README's toy
-study is what it was written for.
+It reads only the runs' summary.json and metrics.jsonl, and an eval.json that toy/evaluate.py wrote
+into a run's folder afterwards (its sampled metrics; see `later_evaluation`), so it works for any
+runs; the README's two studies are what it was written for. A run trained with --eval-k 0 and
+evaluated once afterwards, the real-model study's way:
+
+    python toy/evaluate.py --model M --adapter out/real/grpo-1/checkpoint-000030 --eval-k 4 \
+        --out out/real/grpo-1 ...       # the run's own --eval-n, --max-new-tokens, --seed
+    python toy/evaluate.py --model M --eval-k 4 --out out/real/base ...
+    python toy/compare.py out/real/*-[0-9] --base out/real/base
 """
 import argparse
 import importlib.util
@@ -19,14 +26,33 @@ import common  # noqa: E402
 
 
 def read_run(folder):
-    """summary.json and metrics.jsonl of a finished run folder."""
+    """summary.json and metrics.jsonl of a finished run folder; its eval.json, when there, adds
+    sampled metrics to the summary's "after" (`later_evaluation`)."""
     folder = Path(folder)
     if not (folder / "summary.json").is_file():
         raise common.InputError(f"{folder}: no summary.json (not a finished run)")
     metrics = folder / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
         if metrics.is_file() else []
-    return json.loads((folder / "summary.json").read_text()), rows
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["after"] = later_evaluation(folder, summary["after"])
+    return summary, rows
+
+
+def later_evaluation(folder, greedy):
+    """`greedy` (a run's evaluation result) with the metrics of folder/eval.json added, when it
+    is there: `toy/evaluate.py --eval-k K --out folder` of the same model, the way a run trained
+    with --eval-k 0 gets mean@K, pass@K and maj@K (one sampled evaluation instead of one before
+    and one after every run). Its greedy accuracy must be the run's: the same model."""
+    path = Path(folder) / "eval.json"
+    if not path.is_file():
+        return greedy
+    result = json.loads(path.read_text())
+    if (result["accuracy"], result["n"]) != (greedy["accuracy"], greedy["n"]):
+        raise common.InputError(f"{path}: greedy accuracy {result['accuracy']} on {result['n']} "
+                                f"problems, not {greedy['accuracy']} on {greedy['n']}: "
+                                "an evaluation of another model")
+    return {**greedy, **result}
 
 
 def spread(values, scale=1.0, digits=1):
@@ -65,8 +91,10 @@ def compare_command(args):
     (mean ± sd over their seeds), and plot held-out accuracy against generated tokens when
     matplotlib is installed."""
     runs = [read_run(folder) for folder in args.runs]
-    methods = {"base (before)": [({**summary, "after": summary["before"], "generated_tokens": 0,
-                                   "train_tokens": 0, "wall_seconds": 0, "eval_seconds": 0}, [])
+    methods = {"base (before)": [({**summary, "generated_tokens": 0, "train_tokens": 0,
+                                   "wall_seconds": 0, "eval_seconds": 0,
+                                   "after": later_evaluation(args.base, summary["before"])
+                                   if args.base else summary["before"]}, [])
                                  for summary, _ in runs]}  # every run starts from the same base
     for name, (summary, rows) in zip(group_names([summary for summary, _ in runs]), runs):
         methods.setdefault(name, []).append((summary, rows))
@@ -130,6 +158,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("runs", nargs="+", help="output folders of finished runs")
+    parser.add_argument("--base", default=None,
+                        help="folder of toy/evaluate.py's eval.json for the starting model: its "
+                             "sampled metrics for the base row")
     parser.add_argument("--plot", default="out/compare.png",
                         help="PNG of accuracy against generated tokens (needs matplotlib)")
     compare_command(parser.parse_args(argv))
