@@ -21,6 +21,8 @@ defaults to: its default is "dapo"), with the well-known corrections as switches
   (arXiv 2503.14476) by the batch's token count. The last two have no length bias.
 - `--epsilon-high` above `--epsilon-low` is DAPO's "clip-higher"; `--skip-zero-std` drops groups whose
   rewards are all equal (their advantage is 0, they give no gradient anyway, only dilute the mean).
+- `--garl-q` (GARL, arXiv 2604.25907) multiplies each problem's advantages by its group's success
+  rate^-q, amplifying the problems the model rarely solves (`cold_start_amplification`).
 With `--num-iterations 1` (default) pi_old is pi itself, detached: rho = 1, the clip never acts and the
 loss *value* is ~0 when beta = 0, while its gradient is the REINFORCE gradient with a group baseline.
 So watch the reward and the gradient norm, not the loss.
@@ -60,6 +62,9 @@ def parse_args(argv=None):
     add("--epsilon-high", type=float, default=0.2, help="PPO clip: ratio <= 1 + epsilon-high")
     add("--format-reward", type=float, default=0.0,
         help="extra reward for a completion with a parsable final answer (0: off)")
+    add("--garl-q", type=float, default=0.0,
+        help="GARL's cold-start amplification: scale each problem's policy gradient by (its "
+             "group's success rate)^-q (0: plain GRPO)")
     parser.set_defaults(lr=2e-5)  # the OPSD paper's GRPO baseline
     args = common.parse_args(parser, argv, TOY_SETTINGS, ranges={
         "num_generations": (lambda v: v >= 2, "at least 2: advantages compare a group's rewards"),
@@ -67,6 +72,7 @@ def parse_args(argv=None):
         "beta": (lambda v: v >= 0, "at least 0"),
         "epsilon_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
         "epsilon_high": (lambda v: v >= 0, "at least 0"),
+        "garl_q": (lambda v: 0 <= v < 1, "in [0, 1): 0 is plain GRPO"),
         "temperature": (lambda v: v > 0, "positive: GRPO samples its rollouts")})
     if args.beta > 0 and args.full:
         raise common.InputError("--beta > 0 needs a reference model: use LoRA (the base is the "
@@ -88,6 +94,24 @@ def group_advantages(rewards, group_size, scale=True, eps=1e-4):
     if scale:
         advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)
     return advantages.flatten()
+
+
+def cold_start_amplification(successes, group_size, q):
+    """GARL's per-problem factor p^(-q), p = the group's success rate: [N] 0/1 -> [N].
+
+    "How Fast Should a Model Commit to Supervision?" (arXiv 2604.25907) maximises the Tsallis
+    q-logarithm of the success probability P instead of P itself:
+        J_q = ln_q(P) = (P^(1-q) - 1) / (1 - q),      grad J_q = P^(-q) * grad P
+    q = 0 is plain RL (maximise P); q -> 1 is log P, the likelihood of success. Every problem keeps
+    its gradient direction and is amplified by P^(-q): a problem the model rarely solves gets a
+    large factor, which is how the paper escapes a "cold start", where plain GRPO learns in
+    O(1/p0) time. GARL ("gradient-amplified RL") estimates P by the group's success rate
+    (biased by O(q / (G P^(q+1)))). A group with no success has advantage 0 whatever its factor:
+    it gets 1, not infinity.
+    """
+    success_rate = successes.view(-1, group_size).float().mean(dim=1)  # [prompts]
+    factor = torch.where(success_rate > 0, success_rate.clamp(min=1e-8) ** -q, 1.0)
+    return factor.repeat_interleave(group_size)  # [N]
 
 
 def k3_kl(logp, ref_logp):
@@ -156,6 +180,10 @@ def main(argv=None):
         rewards = torch.tensor([reward(text, examples[i // group_size]["answer"], args.format_reward)
                                 for i, text in enumerate(rollouts["texts"])])  # [N]
         advantages = group_advantages(rewards, group_size, scale=args.scale_rewards == "group")
+        if args.garl_q > 0:
+            successes = torch.tensor([common.is_correct(text, examples[i // group_size]["answer"])
+                                      for i, text in enumerate(rollouts["texts"])])  # [N]
+            advantages = advantages * cold_start_amplification(successes, group_size, args.garl_q)
         zero_std = rewards.view(-1, group_size).std(dim=1) == 0  # [prompts]: A = 0, no gradient
         keep = (~zero_std.repeat_interleave(group_size) if args.skip_zero_std
                 else torch.ones_like(rewards, dtype=torch.bool))

@@ -19,6 +19,41 @@ def test_group_advantages_by_hand():
     assert grpo.group_advantages(torch.zeros(6), 3).abs().sum() == 0
 
 
+def test_cold_start_amplification_by_hand():
+    successes = torch.tensor([1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0])  # success rates 1/4, 1/2, 0
+    factor = grpo.cold_start_amplification(successes, group_size=4, q=0.5)
+    expected = [2.0] * 4 + [2 ** 0.5] * 4 + [1.0] * 4  # (1/4)^-0.5, (1/2)^-0.5; no success: 1
+    assert torch.allclose(factor, torch.tensor(expected))
+    assert grpo.cold_start_amplification(successes, 4, q=0.0).tolist() == [1.0] * 12  # plain GRPO
+
+
+def test_garl_scales_each_problems_advantages_by_its_success_rate(tmp_path, monkeypatch):
+    rewards_seen, advantages_seen = [], []
+    real_advantages, real_loss = grpo.group_advantages, grpo.policy_loss
+
+    def record_rewards(rewards, *args, **kwargs):
+        rewards_seen.append(rewards.clone())
+        return real_advantages(rewards, *args, **kwargs)
+
+    def record_advantages(logp, old_logp, advantages, *args):
+        advantages_seen[-1].append(advantages.clone())
+        return real_loss(logp, old_logp, advantages, *args)
+    monkeypatch.setattr(grpo, "group_advantages", record_rewards)
+    monkeypatch.setattr(grpo, "policy_loss", record_advantages)
+    quick = ["--steps", "1", "--batch-size", "4", "--eval-n", "0", "--max-new-tokens", "32",
+             "--micro-batch-size", "64"]  # one micro-batch: the step's advantages in one tensor
+    for name, q in [("plain", "0"), ("garl", "0.5")]:
+        advantages_seen.append([])
+        grpo.main(quick + ["--garl-q", q, "--out", str(tmp_path / name)])
+    assert torch.equal(rewards_seen[0], rewards_seen[1])  # the same rollouts
+    (plain,), (garl,) = advantages_seen
+    rates = [float(rewards_seen[0][i // 8 * 8:i // 8 * 8 + 8].mean()) for i in range(32)]
+    trained = [i for i in range(32) if rates[i] not in (0.0, 1.0)]  # rows with A != 0 are trained
+    assert trained and not torch.allclose(garl, plain)  # some group was amplified
+    expected = torch.tensor([float(plain[j]) * rates[i] ** -0.5 for j, i in enumerate(trained)])
+    assert torch.allclose(garl, expected)
+
+
 def slow_policy_loss(logp, old_logp, advantages, mask, ref_logp, beta, eps_low, eps_high,
                      loss_type, max_len):
     """The formula, one token at a time."""
@@ -162,6 +197,7 @@ def test_rows_with_zero_advantage_are_skipped_without_changing_the_gradient(tmp_
 @pytest.mark.parametrize("argv, message", [
     (["--beta", "0.04", "--full"], "--beta > 0 needs a reference model"),
     (["--temperature", "0"], "--temperature 0.0: must be positive"),
+    (["--garl-q", "1"], "--garl-q 1.0: must be in \\[0, 1\\)"),
     (["--chunk-size", "0"], "--chunk-size 0: must be at least 1"),
     (["--micro-batch-size", "-1"], "--micro-batch-size -1: must be at least 0"),
     (["--eval-k", "4", "--eval-temperature", "0"], "--eval-temperature 0.0: must be positive"),
