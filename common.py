@@ -87,6 +87,8 @@ def add_common_args(parser):
     add("--lora-r", type=int, default=64, help="LoRA rank")
     add("--lora-alpha", type=int, default=128, help="LoRA scale numerator: updates scale by alpha/r")
     add("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA path's input")
+    add("--dora", action="store_true",
+        help="DoRA: LoRA's direction plus a trained magnitude per output row (lora.py)")
     add("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
         help="recompute each layer's activations in the backward pass instead of keeping them")
     add("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
@@ -1175,7 +1177,8 @@ def prepare_out(args):
     checkpoint = latest_checkpoint(out) if args.resume else None
     if checkpoint and (checkpoint / "args.json").exists():
         saved = json.loads((checkpoint / "args.json").read_text())
-        compared = ["method", "model", "full"] + ([] if args.full else ["lora_r", "lora_alpha"])
+        compared = ["method", "model", "full"] + ([] if args.full else ["lora_r", "lora_alpha",
+                                                                       "dora"])
         for name in compared:
             if name in saved and saved[name] != getattr(args, name):
                 what = name if name == "method" else "--" + name.replace("_", "-")
@@ -1213,10 +1216,11 @@ def start_run(args, updates_per_step=1):
                                   "all" if separate_eval_file else "test")[:args.eval_n]
     model, tokenizer = load_model(args.model, args.dtype, args.full, args.gradient_checkpointing)
     if not args.full:
-        apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
+        apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, dora=args.dora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapter = "full" if args.full else f"{'DoRA' if args.dora else 'LoRA'} r={args.lora_r}"
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{trainable:,} trainable ({'full' if args.full else f'LoRA r={args.lora_r}'})")
+          f"{trainable:,} trainable ({adapter})")
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     scheduler = make_scheduler(optimizer, args.warmup_steps, args.steps * updates_per_step,
                                args.schedule)

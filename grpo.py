@@ -23,6 +23,9 @@ defaults to: its default is "dapo"), with the well-known corrections as switches
   rewards are all equal (their advantage is 0, they give no gradient anyway, only dilute the mean).
 - `--garl-q` (GARL, arXiv 2604.25907) multiplies each problem's advantages by its group's success
   rate^-q, amplifying the problems the model rarely solves (`cold_start_amplification`).
+- `--sft-warmup-steps W --sft-mix fixed|adaptive` mixes in sft.py's loss on the reference
+  solutions: W steps of SFT, then at each step SFT or GRPO, at a fixed rate or by a rule in the
+  spirit of SASR (arXiv 2505.13026; see `sft_probability`).
 With `--num-iterations 1` (default) pi_old is pi itself, detached: rho = 1, the clip never acts and the
 loss *value* is ~0 when beta = 0, while its gradient is the REINFORCE gradient with a group baseline.
 So watch the reward and the gradient norm, not the loss.
@@ -31,11 +34,14 @@ So watch the reward and the gradient norm, not the loss.
     python grpo.py --model Qwen/Qwen3-1.7B --data train.jsonl --lr 2e-5 --temperature 1.2
 """
 import argparse
+import math
+import random
 import time
 
 import torch
 
 import common
+import sft
 from lora import lora_disabled
 
 # Only for the built-in 1M-parameter toy model, and only for flags not given on the command line.
@@ -62,6 +68,12 @@ def parse_args(argv=None):
     add("--epsilon-high", type=float, default=0.2, help="PPO clip: ratio <= 1 + epsilon-high")
     add("--format-reward", type=float, default=0.0,
         help="extra reward for a completion with a parsable final answer (0: off)")
+    add("--sft-warmup-steps", type=int, default=0,
+        help="the first N steps are SFT on the reference solutions (sft.py's loss), not GRPO")
+    add("--sft-mix", choices=["none", "fixed", "adaptive"], default="none",
+        help="after the warm-up, each step SFT or GRPO: fixed, SFT with --sft-probability; "
+             "adaptive, the SASR-inspired rule of sft_probability")
+    add("--sft-probability", type=float, default=0.5, help="--sft-mix fixed's chance of SFT")
     add("--garl-q", type=float, default=0.0,
         help="GARL's cold-start amplification: scale each problem's policy gradient by (its "
              "group's success rate)^-q (0: plain GRPO)")
@@ -73,10 +85,18 @@ def parse_args(argv=None):
         "epsilon_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
         "epsilon_high": (lambda v: v >= 0, "at least 0"),
         "garl_q": (lambda v: 0 <= v < 1, "in [0, 1): 0 is plain GRPO"),
+        "sft_warmup_steps": (lambda v: v >= 0, "at least 0"),
+        "sft_probability": (lambda v: 0 <= v <= 1, "in [0, 1]"),
         "temperature": (lambda v: v > 0, "positive: GRPO samples its rollouts")})
     if args.beta > 0 and args.full:
         raise common.InputError("--beta > 0 needs a reference model: use LoRA (the base is the "
                                 "reference), not --full")
+    if args.sft_mix == "adaptive" and args.full:
+        raise common.InputError("--sft-mix adaptive compares with the initial model: use LoRA (the "
+                                "base is the initial model), not --full")
+    if (args.sft_warmup_steps or args.sft_mix != "none") and args.num_iterations > 1:
+        raise common.InputError("--sft-warmup-steps and --sft-mix take one update a step: they "
+                                "need --num-iterations 1")
     args.method = "grpo"
     args.out = args.out or "out/grpo"
     args.micro_batch_size = args.micro_batch_size or args.batch_size * args.num_generations
@@ -112,6 +132,55 @@ def cold_start_amplification(successes, group_size, q):
     success_rate = successes.view(-1, group_size).float().mean(dim=1)  # [prompts]
     factor = torch.where(success_rate > 0, success_rate.clamp(min=1e-8) ** -q, 1.0)
     return factor.repeat_interleave(group_size)  # [N]
+
+
+def sft_probability(nll, initial_nll, grad_norm, first_grad_norm):
+    """The chance that a step after the SFT warm-up is an SFT step rather than a GRPO step, by
+    --sft-mix adaptive's rule (--sft-mix fixed: --sft-probability at every step).
+
+    SASR (Chen et al. 2025, arXiv 2505.13026) warms up with SFT, then chooses between SFT and GRPO
+    at each step from the gradient norm and the divergence from the initial model; its exact rule
+    is not published. This rule is ours, SASR-inspired. On the step's reference solutions y*:
+
+        r_grad = ||g_SFT|| / ||g_SFT,1||          the SFT gradient's norm, relative to the run's first
+        r_div  = exp(NLL(y*) - NLL_initial(y*))   > 1 when the model explains y* worse than at the start
+        P(SFT) = r_grad r_div / (1 + r_grad r_div)
+
+    NLL is the token-mean negative log-likelihood of y* under the current and the initial model
+    (LoRA off). Both ratios are 1 at the start: P = 1/2. Once the model fits the references (a
+    small SFT gradient, a lower NLL) P falls and GRPO takes over; when RL moves the model away
+    from them P rises towards 1 and SFT pulls it back. It needs the SFT forward and backward pass
+    at every step, GRPO steps included (`reference_sft`).
+    """
+    odds = grad_norm / first_grad_norm * math.exp(nll - initial_nll)
+    return odds / (1 + odds)
+
+
+def reference_sft(model, tokenizer, examples, args, initial_nll):
+    """sft.py's loss on the step's reference solutions, backward (the gradients then hold the SFT
+    gradient). Returns (NLL, NLL under the initial model if initial_nll else None, the gradient's
+    norm (under torchrun: the mean of the ranks' norms), training tokens)."""
+    device = common.device_of(model)
+    rows = [sft.encode(tokenizer, example, args.max_new_tokens) for example in examples]
+    num_target_tokens = common.global_sum(sum(len(completion) for _, completion in rows))
+    nll, initial, tokens = 0.0, 0.0, 0
+    for first in range(0, len(rows), args.micro_batch_size):
+        micro = rows[first:first + args.micro_batch_size]
+        batch = common.pack([p for p, _ in micro], [c for _, c in micro], tokenizer.pad_token_id,
+                            device)
+        mask = batch["completion_mask"]
+        loss = sft.sft_loss(common.token_logprobs(model, batch, chunk_size=args.chunk_size), mask,
+                            num_target_tokens)
+        loss.backward()
+        nll += loss.item()
+        if initial_nll:
+            with torch.no_grad(), lora_disabled(model):
+                initial += sft.sft_loss(common.token_logprobs(
+                    model, batch, chunk_size=args.chunk_size), mask, num_target_tokens).item()
+        tokens += int(batch["prompt_mask"].sum() + mask.sum()) * (2 if initial_nll else 1)
+    grad_norm = sum(float(p.grad.norm()) ** 2 for p in model.parameters() if p.grad is not None)
+    return (common.global_sum(nll), common.global_sum(initial) if initial_nll else None,
+            common.global_mean(grad_norm ** 0.5), common.global_sum(tokens))
 
 
 def k3_kl(logp, ref_logp):
@@ -169,9 +238,46 @@ def main(argv=None):
     group_size = args.num_generations
     model.train()
     loop_start, first_step, wall_before = time.time(), step, state["wall_seconds"]
+
+    def end_step(metrics):  # log the step; evaluate and save a checkpoint when they are due
+        metrics.update(common.periodic_evaluation(args, step, model, tokenizer, eval_examples, state))
+        common.log_step(metrics_file, metrics, args.steps,
+                        (time.time() - loop_start) / (step - first_step))
+        common.save_every(args, step, model, tokenizer, optimizer, scheduler, state)
+
     while step < args.steps:
         step_start = time.time()
         examples = common.next_batch(train_examples, args, state)
+
+        # 0. With --sft-warmup-steps / --sft-mix: an SFT step on the references, or GRPO below.
+        mixing = {}
+        if step < args.sft_warmup_steps or args.sft_mix != "none":
+            warmup = step < args.sft_warmup_steps
+            adaptive = not warmup and args.sft_mix == "adaptive"
+            # The same draw on every rank and on resume: seeded by the run's seed and the step.
+            draw = random.Random(f"sft-or-grpo {args.seed} {step}").random()
+            probability = 1.0 if warmup else None if adaptive else args.sft_probability
+            if adaptive or draw < probability:  # the SFT gradient is needed: compute it
+                nll, initial_nll, sft_grad_norm, sft_tokens = reference_sft(
+                    model, tokenizer, examples, args, initial_nll=adaptive)
+                state.setdefault("first_sft_grad_norm", sft_grad_norm)  # kept in checkpoints
+                state["train_tokens"] += sft_tokens
+                if adaptive:
+                    probability = sft_probability(nll, initial_nll, sft_grad_norm,
+                                                  state["first_sft_grad_norm"])
+                mixing = {"sft_loss": nll, "sft_grad_norm": sft_grad_norm,
+                          **({"sft_initial_loss": initial_nll} if adaptive else {})}
+            choose_sft = draw < probability
+            mixing = {"update": "sft" if choose_sft else "grpo", "sft_probability": probability,
+                      **mixing}
+            if choose_sft:
+                grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
+                step += 1
+                state["wall_seconds"] = wall_before + time.time() - loop_start
+                end_step({"step": step, **mixing, "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": grad_norm, "generated_tokens": state["generated_tokens"]})
+                continue
+            optimizer.zero_grad(set_to_none=True)  # GRPO: an SFT gradient was only measured
 
         # 1. Rollouts: G samples per prompt from the current policy, one batched call.
         rollouts = common.sample_rollouts(model, tokenizer, examples, args, state)
@@ -257,7 +363,7 @@ def main(argv=None):
         state["train_tokens"] += step_tokens * args.num_iterations
         state["wall_seconds"] = wall_before + time.time() - loop_start
         metrics = {
-            "step": step, "reward": common.global_mean(rewards.mean().item()),
+            "step": step, **mixing, "reward": common.global_mean(rewards.mean().item()),
             "zero_std_fraction": common.global_mean(zero_std.float().mean().item()),
             "completion_length": common.global_mean(
                 rollouts["completion_mask"].sum(1).float().mean().item()),
@@ -266,13 +372,10 @@ def main(argv=None):
             "generated_tokens": state["generated_tokens"],
             "tokens_per_second": round((common.global_sum(rollouts["num_generated_tokens"])
                                         + step_tokens) / (time.time() - step_start)),
-            **common.periodic_evaluation(args, step, model, tokenizer, eval_examples, state),
         }
         if args.beta > 0:
             metrics["kl"] = kl_sum / max(1, num_tokens * args.num_iterations)
-        common.log_step(metrics_file, metrics, args.steps,
-                        (time.time() - loop_start) / (step - first_step))
-        common.save_every(args, step, model, tokenizer, optimizer, scheduler, state)
+        end_step(metrics)
     common.finish_run(args, model, tokenizer, optimizer, scheduler, step, state,
                       eval_examples)
 

@@ -4,6 +4,12 @@ A frozen linear layer W gets a trainable low-rank update:  y = W x + (alpha / r)
 A: [r, in] Kaiming-uniform, B: [out, r] zeros, so training starts from exactly the base model.
 Adapters are saved in PEFT's layout and key names (adapter_model.safetensors + adapter_config.json),
 so `peft.PeftModel.from_pretrained` loads them (checked with PEFT 0.21.2).
+
+DoRA (Liu et al. 2024, arXiv 2402.09353; `dora=True`) splits the adapted weight into a direction
+and a trainable magnitude m per output row:  W' = m * (W + s B A) / ||W + s B A||, the norm of each
+row, m starting at ||W|| (so training again starts from the base model). As the paper's section
+4.3 advises, the norm is treated as a constant in the backward pass (detached): the magnitude
+then learns the scale and B A the direction, at little more memory than LoRA.
 """
 import json
 import math
@@ -19,7 +25,7 @@ PEFT_PREFIX = "base_model.model."  # PEFT names weights after its wrapper: base_
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base_layer: nn.Linear, r, alpha, dropout=0.0):
+    def __init__(self, base_layer: nn.Linear, r, alpha, dropout=0.0, dora=False):
         super().__init__()
         self.base_layer = base_layer.requires_grad_(False)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
@@ -30,26 +36,45 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear and PEFT
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dora = dora
+        if dora:  # DoRA's magnitude m: [out], the norm of each row of W (PEFT's name)
+            self.lora_magnitude_vector = nn.Parameter(base_layer.weight.detach().float().norm(dim=1))
         self.merged = False
         self.disabled = False
 
     def delta_weight(self):
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # [out, in]
 
+    def dora_scale(self):
+        """m / ||W + s B A|| per output row: [out], the norm detached (DoRA's section 4.3)."""
+        weight = self.base_layer.weight.float() + self.delta_weight().detach()
+        return self.lora_magnitude_vector / weight.norm(dim=1)
+
+    def adapted_weight(self):
+        """The weight this layer computes with: W + s B A (LoRA) or DoRA's W', float32 [out, in]."""
+        weight = self.base_layer.weight.float() + self.delta_weight()
+        return weight * self.dora_scale()[:, None] if self.dora else weight
+
     def forward(self, x):
         y = self.base_layer(x)
         if self.disabled or self.merged:
             return y
-        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
-        return y + (self.scaling * update).to(y.dtype)
+        update = self.scaling * self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        if not self.dora:
+            return y + update.to(y.dtype)
+        # DoRA: m/n (W x + s B A x) + bias = y + (m/n - 1) W x + m/n s B A x, W x = y - bias.
+        scale = self.dora_scale()  # [out]
+        base = y - self.base_layer.bias if self.base_layer.bias is not None else y
+        return y + ((scale - 1) * base.to(scale.dtype) + scale * update).to(y.dtype)
 
 
 def lora_layers(model):
     return [module for module in model.modules() if isinstance(module, LoRALinear)]
 
 
-def apply_lora(model, r=64, alpha=128, dropout=0.0, targets=DEFAULT_TARGETS):
-    """Wrap every nn.Linear whose name ends in one of `targets`; freeze all but the LoRA weights."""
+def apply_lora(model, r=64, alpha=128, dropout=0.0, targets=DEFAULT_TARGETS, dora=False):
+    """Wrap every nn.Linear whose name ends in one of `targets`; freeze all but the LoRA weights
+    (and with dora=True DoRA's magnitudes)."""
     model.requires_grad_(False)
     chosen = [(name, module) for name, module in model.named_modules()
               if isinstance(module, nn.Linear) and name.split(".")[-1] in targets]
@@ -57,22 +82,26 @@ def apply_lora(model, r=64, alpha=128, dropout=0.0, targets=DEFAULT_TARGETS):
         raise ValueError(f"no linear layer named one of {targets} in the model")
     for name, module in chosen:
         parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, LoRALinear(module, r, alpha, dropout))
-    model.lora_config = {"r": r, "alpha": alpha, "dropout": dropout,
+        setattr(model.get_submodule(parent_name), child_name,
+                LoRALinear(module, r, alpha, dropout, dora))
+    model.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "dora": dora,
                          "targets": sorted({name.split(".")[-1] for name, _ in chosen})}
     return model
 
 
 @torch.no_grad()
 def merge_lora(model):
-    """W <- W + (alpha/r) B A in every layer, for fast inference or export. Undo with unmerge_lora.
+    """W <- W + (alpha/r) B A in every layer (DoRA: W <- W'), for fast inference or export. Undo
+    with unmerge_lora.
 
     In bf16 the round trip is lossy, so training keeps LoRA unmerged and never merges per step.
     """
     for layer in lora_layers(model):
         if not layer.merged:
             weight = layer.base_layer.weight
-            weight.copy_((weight.float() + layer.delta_weight()).to(weight.dtype))
+            if layer.dora:  # W' = scale (W + s B A); unmerging needs this step's scale
+                layer.merged_scale = layer.dora_scale()
+            weight.copy_(layer.adapted_weight().to(weight.dtype))
             layer.merged = True
 
 
@@ -81,7 +110,8 @@ def unmerge_lora(model):
     for layer in lora_layers(model):
         if layer.merged:
             weight = layer.base_layer.weight
-            weight.copy_((weight.float() - layer.delta_weight()).to(weight.dtype))
+            merged = weight.float() / layer.merged_scale[:, None] if layer.dora else weight.float()
+            weight.copy_((merged - layer.delta_weight()).to(weight.dtype))
             layer.merged = False
 
 
@@ -111,7 +141,7 @@ def save_lora(model, folder, base_model=""):
     peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
                    "r": config["r"], "lora_alpha": config["alpha"], "lora_dropout": config["dropout"],
                    "target_modules": config["targets"], "bias": "none", "fan_in_fan_out": False,
-                   "inference_mode": True, "use_rslora": False, "use_dora": False}
+                   "inference_mode": True, "use_rslora": False, "use_dora": config["dora"]}
     (folder / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
 
 
@@ -121,7 +151,7 @@ def load_lora(model, folder):
     config = json.loads((folder / "adapter_config.json").read_text())
     if not lora_layers(model):
         apply_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
-                   tuple(config["target_modules"]))
+                   tuple(config["target_modules"]), config.get("use_dora", False))
     weights = {name.removeprefix(PEFT_PREFIX): tensor
                for name, tensor in load_file(folder / "adapter_model.safetensors").items()}
     expected = {name for name in model.state_dict() if ".lora_" in name}
@@ -143,6 +173,6 @@ def save_merged(model, tokenizer, folder):
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear) and not module.merged:
             weight = module.base_layer.weight
-            state[f"{name}.weight"] = (weight.float() + module.delta_weight()).to(weight.dtype)
+            state[f"{name}.weight"] = module.adapted_weight().detach().to(weight.dtype)
     model.save_pretrained(folder, state_dict=state)
     tokenizer.save_pretrained(folder)

@@ -19,6 +19,12 @@ divergence capped at `--clip` 0.05 (its later version).
 
 The student prompt is the one sft.py and grpo.py use; the teacher prompt is `teacher_prompt` below.
 
+Two options from PACED (Xu et al. 2026, arXiv 2603.11178): `--paced` weights each problem by how
+close the student is to solving it (`paced_weights`, which needs --num-generations >= 2 and the
+answer checker OPSD otherwise does without), and `--forward-then-reverse` trains the first half of
+the steps on the forward KL and the second half on the reverse KL (cover the teacher's modes, then
+consolidate on them).
+
     python opsd.py                                                  # built-in toy model and task
     python opsd.py --model Qwen/Qwen3-1.7B --data train.jsonl
 """
@@ -63,14 +69,30 @@ def parse_args(argv=None):
              "(not grpo.py's --beta, a KL penalty)")
     add("--clip", type=float, default=0.05,
         help="cap on each vocabulary entry of the pointwise divergence (0: no cap)")
+    add("--paced", action="store_true",
+        help="PACED: weight each problem by p^alpha (1 - p)^beta, p = the student's pass rate "
+             "over its --num-generations rollouts")
+    add("--paced-alpha", type=float, default=1.0, help="PACED's alpha")
+    add("--paced-beta", type=float, default=1.0, help="PACED's beta")
+    add("--forward-then-reverse", action="store_true",
+        help="PACED's two stages: forward KL (--jsd-beta 0) for the first half of the steps, "
+             "reverse KL (1) for the second")
     # The OPSD paper's settings; both logits of the divergence are divided by the temperature.
     parser.set_defaults(lr=5e-6, max_grad_norm=0.1, temperature=1.1, top_p=0.95, top_k=20)
     args = common.parse_args(parser, argv, TOY_SETTINGS, ranges={
         "num_generations": (lambda v: v >= 1, "at least 1"),
         "jsd_beta": (lambda v: 0 <= v <= 1, "in [0, 1]: 0 forward KL, 1 reverse KL"),
         "clip": (lambda v: v >= 0, "at least 0 (0: no cap)"),
+        "paced_alpha": (lambda v: v >= 0, "at least 0"),
+        "paced_beta": (lambda v: v >= 0, "at least 0"),
         "temperature": (lambda v: v > 0, "positive: the student samples its completions and both "
                                          "distributions are softmax(logits / temperature)")})
+    if args.paced and args.num_generations < 2:
+        raise common.InputError("--paced needs --num-generations >= 2: a pass rate of one rollout "
+                                "is 0 or 1, whose weight is 0")
+    if args.forward_then_reverse and (args.jsd_beta != 0 or args.loss != "full"):
+        raise common.InputError("--forward-then-reverse sets the divergence's beta itself: it "
+                                "needs --jsd-beta 0 and --loss full")
     args.method = "opsd"
     args.out = args.out or "out/opsd"
     args.micro_batch_size = args.micro_batch_size or args.batch_size * args.num_generations
@@ -108,7 +130,22 @@ def pointwise_divergence(student_logits, teacher_logits, beta, temperature, clip
     return entries.sum(-1)
 
 
-def divergence(student_hidden, teacher_hidden, mask, student_output, teacher_output,
+def paced_weights(correct, group_size, alpha=1.0, beta=1.0):
+    """PACED's weight of each problem, w(p) = p^alpha (1 - p)^beta (arXiv 2603.11178, eq. 1):
+    [N] 0/1 correctness of the rollouts, the group_size of a problem adjacent -> [N], each
+    rollout weighted by its problem's w.
+
+    p is the student's pass rate over its rollouts of the problem. The paper shows that the
+    gradient's signal-to-noise ratio vanishes at both ends: a problem the student always solves
+    teaches nothing new, one it never solves gives incoherent gradients (and forgetting). The Beta
+    kernel puts the weight at the frontier of its competence; alpha = beta = 1, p (1 - p), is
+    the paper's choice, with no hyperparameter. Rows of weight 0 are not trained at all.
+    """
+    pass_rate = correct.view(-1, group_size).float().mean(dim=1)  # [problems]
+    return (pass_rate ** alpha * (1 - pass_rate) ** beta).repeat_interleave(group_size)
+
+
+def divergence(student_hidden, teacher_hidden, token_weights, student_output, teacher_output,
                student_parameters, beta=0.0, temperature=1.0, clip=0.0, chunk_size=128):
     """Token mean over the completion of the full-vocabulary divergence D(P_T || P_S) (OPSD eq. for
     the full-distribution objective, arXiv 2601.18734; generalized JSD of GKD, arXiv 2306.13649):
@@ -116,7 +153,8 @@ def divergence(student_hidden, teacher_hidden, mask, student_output, teacher_out
         L = (1 / sum_t m_t) sum_t m_t D( softmax(W_T h^T_t / T), softmax(W_S h^S_t / T) )
 
     student_hidden, teacher_hidden: [N, T, H] final hidden states (`common.completion_hidden`), aligned so
-    position t predicts completion token t; mask: [N, T], 1 on completion tokens (EOS included).
+    position t predicts completion token t; token_weights m: [N, T], 1 on completion tokens (EOS
+    included) and 0 elsewhere, or with --paced the row's `paced_weights` (a weighted mean).
     student_output, teacher_output: their output layers, hidden -> logits (`common.output_logits`;
     the identity if the inputs are logits already); student_parameters: the parameters of
     student_output, which get their gradient if they train. See `pointwise_divergence` for the formulas and
@@ -136,24 +174,26 @@ def divergence(student_hidden, teacher_hidden, mask, student_output, teacher_out
             teacher_logits = teacher_output(teacher_chunk)  # a target, never trained
         return pointwise_divergence(student_output(student_chunk), teacher_logits, beta,
                                     temperature, clip)
-    mask = mask.bool()
+    mask = token_weights > 0
     per_position = common.chunked(chunk_divergence,
                                   [student_hidden[mask], teacher_hidden[mask].detach()],
                                   chunk_size, student_parameters)
-    return per_position.sum() / mask.sum().clamp(min=1)
+    weights = token_weights[mask].float()
+    return (per_position * weights).sum() / weights.sum().clamp(min=1e-8)
 
 
-def sampled_token_loss(student_logprobs, teacher_logprobs):
+def sampled_token_loss(student_logprobs, teacher_logprobs, weights):
     """The paper's cheaper ablation: only the sampled tokens y_t, as a per-token advantage.
 
-        A_t = stopgrad(log p_T(y_t) - log p_S(y_t)),    L = -(1/|o|) sum_t A_t log p_S(y_t)
+        A_t = stopgrad(log p_T(y_t) - log p_S(y_t)),    L = -(1/sum_t m_t) sum_t m_t A_t log p_S(y_t)
 
     The gradient -A_t grad log p_S(y_t) is a one-sample (REINFORCE) estimate of the gradient of the
     reverse KL(p_S || p_T): tokens the teacher likes more than the student get pushed up.
-    student_logprobs, teacher_logprobs: [n], the completion tokens of the micro-batch.
+    student_logprobs, teacher_logprobs, weights m: [n], the completion tokens of the micro-batch
+    (m: 1, or with --paced the row's `paced_weights`).
     """
     advantages = (teacher_logprobs - student_logprobs).detach()
-    return -(advantages * student_logprobs).sum() / max(1, len(student_logprobs))
+    return -(advantages * student_logprobs * weights).sum() / weights.sum().clamp(min=1e-8)
 
 
 def main(argv=None):
@@ -188,10 +228,22 @@ def main(argv=None):
         teacher_ids = tokenizer(teacher_texts, add_special_tokens=False)["input_ids"]
         teacher_prompts = [teacher_ids[i // args.num_generations] for i in range(num_rows)]
 
-        num_tokens = common.global_sum(int(rollouts["completion_mask"].sum()))  # of all ranks
+        # PACED: each rollout weighted by its problem's pass rate; rows of weight 0 not trained.
+        row_weights = torch.ones(num_rows)  # [N]
+        if args.paced:
+            correct = torch.tensor([common.is_correct(text, examples[i // args.num_generations]
+                                                      ["answer"])
+                                    for i, text in enumerate(rollouts["texts"])])  # [N]
+            row_weights = paced_weights(correct, args.num_generations, args.paced_alpha,
+                                        args.paced_beta)
+        # The step's completion tokens, each counted with its weight, on all ranks: the normaliser.
+        num_tokens = common.global_sum(float(row_weights @ rollouts["completion_mask"].sum(1).float()))
+        beta = (1.0 if args.forward_then_reverse and step >= args.steps // 2  # PACED's 2nd stage
+                else args.jsd_beta)
+        trained_rows = row_weights.nonzero().flatten().tolist()
         loss_sum, step_tokens = 0.0, 0
-        for first in range(0, num_rows, args.micro_batch_size):
-            rows = range(first, min(first + args.micro_batch_size, num_rows))
+        for first in range(0, len(trained_rows), args.micro_batch_size):
+            rows = trained_rows[first:first + args.micro_batch_size]
             student_batch = common.pack([student_prompts[i] for i in rows],
                                         [completions[i] for i in rows], tokenizer.pad_token_id, device)
             teacher_batch = common.pack([teacher_prompts[i] for i in rows],
@@ -201,14 +253,15 @@ def main(argv=None):
             student_hidden = common.completion_hidden(model, student_batch)  # [B, T, H]
             completion_ids, completion_mask = (student_batch["completion_ids"],
                                                student_batch["completion_mask"])
-            # 4. The loss on this micro-batch is a token mean; weight it by its share of the
-            # step's tokens so the step's loss is the token mean over all of them.
+            token_weights = row_weights[rows].to(device)[:, None] * completion_mask  # [B, T]
+            # 4. The loss on this micro-batch is a (weighted) token mean; weight it by its share of
+            # the step's tokens so the step's loss is the token mean over all of them.
             if args.loss == "full":
-                loss = divergence(student_hidden, teacher_hidden, completion_mask,
+                loss = divergence(student_hidden, teacher_hidden, token_weights,
                                   lambda hidden: common.output_logits(model, hidden),
                                   lambda hidden: common.output_logits(teacher, hidden),
                                   list(model.get_output_embeddings().parameters()),
-                                  args.jsd_beta, args.temperature, args.clip, args.chunk_size)
+                                  beta, args.temperature, args.clip, args.chunk_size)
             else:
                 mask, targets = completion_mask.bool(), completion_ids[completion_mask.bool()]
                 with torch.no_grad():
@@ -216,8 +269,8 @@ def main(argv=None):
                         teacher, teacher_hidden[mask], targets, args.temperature, args.chunk_size)
                 loss = sampled_token_loss(common.target_logprobs(
                     model, student_hidden[mask], targets, args.temperature, args.chunk_size),
-                    teacher_logprobs)
-            weight = int(completion_mask.sum()) / num_tokens
+                    teacher_logprobs, token_weights[mask])
+            weight = float(token_weights.sum()) / num_tokens
             (loss * weight).backward()
             loss_sum += loss.item() * weight
             step_tokens += sum(int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
@@ -228,8 +281,11 @@ def main(argv=None):
         loss_sum, step_tokens = common.global_sum(loss_sum), common.global_sum(step_tokens)
         state["train_tokens"] += step_tokens
         state["wall_seconds"] = wall_before + time.time() - loop_start
+        paced = ({"pass_rate": common.global_mean(correct.float().mean().item()),
+                  "paced_weight": common.global_mean(row_weights.mean().item())}
+                 if args.paced else {})
         common.log_step(metrics_file, {
-            "step": step, "loss": loss_sum,
+            "step": step, "loss": loss_sum, **paced,
             "completion_length": common.global_mean(
                 rollouts["completion_mask"].sum(1).float().mean().item()),
             "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,

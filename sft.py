@@ -21,12 +21,20 @@ data set once from a fixed model, and STaR and ReST-EM repeat that in rounds; he
 round, so the samples always come from the improved model. That is GRPO's sample-verify-reinforce
 loop with the SFT loss: wrong samples are dropped instead of pushed down, and there is no baseline.
 
+`--rejection-sampling K --orpo-lambda [L]` pushes them down as well: ORPO (Hong et al. 2024, arXiv
+2403.07691) on pairs of a correct and a wrong sample of the same question (see `orpo_loss`), the
+way SFT, ORPO and GRPO are compared on GSM8K. It needs no reference model, unlike DPO.
+
     python sft.py                                                   # built-in toy model and task
     python sft.py --rejection-sampling 8 --steps 60 --batch-size 16  # RFT on the toy
+    python sft.py --rejection-sampling 8 --steps 60 --batch-size 16 --orpo-lambda  # ORPO, L 0.1
     python sft.py --model Qwen/Qwen3-1.7B --data train.jsonl
 """
 import argparse
 import time
+
+import torch
+import torch.nn.functional as F
 
 import common
 
@@ -41,12 +49,20 @@ def parse_args(argv=None):
     parser.add_argument("--rejection-sampling", type=int, default=0, metavar="K",
                         help="train on the correct ones of K samples per question from the "
                              "current model instead of the references (0: plain SFT)")
+    parser.add_argument("--orpo-lambda", type=float, nargs="?", const=0.1, default=0.0,
+                        metavar="L", help="with --rejection-sampling: ORPO on pairs of a correct "
+                                          "and a wrong sample, odds-ratio weight L (the flag "
+                                          "alone: 0.1; 0: off)")
     args = common.parse_args(parser, argv, TOY_SETTINGS, ranges={
-        "rejection_sampling": (lambda v: v >= 0, "at least 0 (0: plain SFT)")})
+        "rejection_sampling": (lambda v: v >= 0, "at least 0 (0: plain SFT)"),
+        "orpo_lambda": (lambda v: v >= 0, "at least 0 (0: off)")})
     if args.rejection_sampling and args.temperature <= 0:
         raise common.InputError("--rejection-sampling needs --temperature > 0 (K greedy samples "
                                 "would all be the same)")
-    args.method = "rft" if args.rejection_sampling else "sft"
+    if args.orpo_lambda and args.rejection_sampling < 2:
+        raise common.InputError("--orpo-lambda needs --rejection-sampling K >= 2: its pairs are a "
+                                "correct and a wrong sample of one question")
+    args.method = "orpo" if args.orpo_lambda else "rft" if args.rejection_sampling else "sft"
     args.out = args.out or f"out/{args.method}"
     args.micro_batch_size = args.micro_batch_size or args.batch_size * max(1, args.rejection_sampling)
     args.num_generations = args.rejection_sampling  # what common.sample_rollouts draws
@@ -62,6 +78,36 @@ def sft_loss(logprobs, completion_mask, num_target_tokens):
     return -(logprobs * completion_mask).sum() / num_target_tokens
 
 
+def log_odds(mean_logprobs):
+    """log(p / (1 - p)) of p = exp(mean_logprobs) <= 1, with log(1 - p) computed without loss:
+    log(-expm1(x)) near x = 0 and log1p(-exp(x)) below -log 2 (Maechler 2012, "Accurately
+    computing log(1 - exp(-|a|))"). x is capped at -1e-6: at p = 1 the odds are infinite."""
+    x = mean_logprobs.clamp(max=-1e-6)
+    log_one_minus_p = torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    return x - log_one_minus_p
+
+
+def orpo_loss(chosen_logprobs, chosen_mask, rejected_logprobs, rejected_mask, num_target_tokens,
+              num_pairs, orpo_lambda):
+    """ORPO, Hong et al. 2024 (arXiv 2403.07691), eq. 6-7: SFT on the chosen completion plus an
+    odds-ratio term that pushes the chosen one's odds above the rejected one's:
+
+        L = NLL(chosen) - lambda * log sigmoid(log odds(chosen) - log odds(rejected))
+        odds(y) = p(y) / (1 - p(y)),  p(y) = exp(mean over t of log p(y_t | x, y_<t))
+
+    [B, T] log-probs and masks of B pairs (row i of each is one pair). NLL is `sft_loss` over the
+    step's chosen tokens (num_target_tokens), the odds-ratio term a mean over the step's pairs.
+    Returns (loss, the pairs' log odds ratios [B] for the log).
+    """
+    def mean_logprob(logprobs, mask):  # [B]: length-normalised, as in the paper
+        return (logprobs * mask).sum(1) / mask.sum(1).clamp(min=1)
+    log_odds_ratio = (log_odds(mean_logprob(chosen_logprobs, chosen_mask))
+                      - log_odds(mean_logprob(rejected_logprobs, rejected_mask)))  # [B]
+    odds_term = -F.logsigmoid(log_odds_ratio).sum() / num_pairs
+    return (sft_loss(chosen_logprobs, chosen_mask, num_target_tokens) + orpo_lambda * odds_term,
+            log_odds_ratio.detach())
+
+
 def encode(tokenizer, example, max_new_tokens):
     """(prompt ids, completion ids): the solution then EOS, or, if that is longer than
     max_new_tokens, the solution's first max_new_tokens tokens and no EOS (it does not end there)."""
@@ -72,26 +118,29 @@ def encode(tokenizer, example, max_new_tokens):
     return prompt_ids, completion_ids[:max_new_tokens]
 
 
-def correct_samples(model, tokenizer, examples, args, state):
-    """Rejection sampling: K completions per question from the current model; keep the correct
-    ones that finished (ended in an end token), each distinct completion of a question once.
+def judged_samples(model, tokenizer, examples, args, state):
+    """Rejection sampling: K completions per question from the current model, judged by their
+    final answers. Each distinct completion of a question counts once.
 
-    Returns (rows, num_correct): rows of (prompt ids, completion ids) as `encode` makes them,
-    with the sampled token ids themselves (no re-tokenisation of the text).
+    Returns (correct, wrong, num_correct): correct[q] the correct completions of question q that
+    finished (ended in an end token: a cut one is not a whole solution), wrong[q] its wrong ones,
+    as rows (prompt ids, completion ids) like `encode`'s, with the sampled token ids themselves (no
+    re-tokenisation of the text); num_correct counts every correct sample.
     """
     rollouts = common.sample_rollouts(model, tokenizer, examples, args, state)
     prompts = common.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
     completions = common.unpadded(rollouts["completion_ids"], rollouts["completion_mask"])
-    rows, seen, num_correct = [], set(), 0
+    correct, wrong = [[] for _ in examples], [[] for _ in examples]
+    seen, num_correct = set(), 0
     for i, text in enumerate(rollouts["texts"]):
         question = i // args.rejection_sampling
-        if not common.is_correct(text, examples[question]["answer"]):
+        is_correct = common.is_correct(text, examples[question]["answer"])
+        num_correct += is_correct
+        if (question, text) in seen or (is_correct and not rollouts["finished"][i]):
             continue
-        num_correct += 1
-        if rollouts["finished"][i] and (question, text) not in seen:
-            seen.add((question, text))
-            rows.append((prompts[i], completions[i]))
-    return rows, num_correct
+        seen.add((question, text))
+        (correct if is_correct else wrong)[question].append((prompts[i], completions[i]))
+    return correct, wrong, num_correct
 
 
 def main(argv=None):
@@ -106,10 +155,15 @@ def main(argv=None):
         step_start = time.time()
         examples = common.next_batch(train_examples, args, state)
         if args.rejection_sampling:
-            rows, num_correct = correct_samples(model, tokenizer, examples, args, state)
+            correct, wrong, num_correct = judged_samples(model, tokenizer, examples, args, state)
+            if args.orpo_lambda:  # each correct sample with a wrong one of its question: adjacent
+                rows = [row for question_correct, question_wrong in zip(correct, wrong)
+                        for pair in zip(question_correct, question_wrong) for row in pair]
+            else:
+                rows = [row for question_correct in correct for row in question_correct]
             sampling = {"correct_fraction": common.global_mean(
                             num_correct / (len(examples) * args.rejection_sampling)),
-                        "kept": common.global_sum(len(rows))}  # distinct correct samples trained on
+                        "kept": common.global_sum(len(rows))}  # distinct samples trained on
         else:
             rows = [encode(tokenizer, example, args.max_new_tokens) for example in examples]
             sampling = {}
@@ -120,16 +174,27 @@ def main(argv=None):
                       f"{step + 1} do not fit in --max-new-tokens {args.max_new_tokens} with their "
                       "EOS: cut there and trained without EOS (summary.json counts them all)")
             state["cut_solutions"] = state.get("cut_solutions", 0) + num_cut
-        rows.sort(key=lambda row: len(row[0]) + len(row[1]))  # similar lengths share micro-batches
+        if not args.orpo_lambda:  # (ORPO keeps each pair's two rows together, in one micro-batch)
+            rows.sort(key=lambda row: len(row[0]) + len(row[1]))  # similar lengths share micro-batches
         # The step's targets on all ranks (under torchrun): the loss is the mean over all of them.
-        num_target_tokens = common.global_sum(sum(len(completion) for _, completion in rows))
-        loss_sum, step_tokens = 0.0, 0
-        for first in range(0, len(rows), args.micro_batch_size):
-            micro = rows[first:first + args.micro_batch_size]
+        chosen = rows[0::2] if args.orpo_lambda else rows  # ORPO: rows alternate chosen, rejected
+        num_target_tokens = common.global_sum(sum(len(completion) for _, completion in chosen))
+        num_pairs = common.global_sum(len(rows) // 2)
+        micro_batch_size = max(2, args.micro_batch_size // 2 * 2) if args.orpo_lambda \
+            else args.micro_batch_size  # ORPO: whole pairs
+        loss_sum, step_tokens, log_odds_ratios = 0.0, 0, []
+        for first in range(0, len(rows), micro_batch_size):
+            micro = rows[first:first + micro_batch_size]
             batch = common.pack([p for p, _ in micro], [c for _, c in micro],
                                 tokenizer.pad_token_id, device)
             logprobs = common.token_logprobs(model, batch, chunk_size=args.chunk_size)  # [B, T]
-            loss = sft_loss(logprobs, batch["completion_mask"], num_target_tokens)
+            mask = batch["completion_mask"]
+            if args.orpo_lambda:
+                loss, ratios = orpo_loss(logprobs[0::2], mask[0::2], logprobs[1::2], mask[1::2],
+                                         num_target_tokens, num_pairs, args.orpo_lambda)
+                log_odds_ratios += ratios.tolist()
+            else:
+                loss = sft_loss(logprobs, mask, num_target_tokens)
             loss.backward()  # gradients add up over micro-batches into the step's token mean
             loss_sum += loss.item()
             step_tokens += int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
@@ -139,6 +204,9 @@ def main(argv=None):
         loss_sum, step_tokens = common.global_sum(loss_sum), common.global_sum(step_tokens)
         state["train_tokens"] += step_tokens
         state["wall_seconds"] = wall_before + time.time() - loop_start
+        if args.orpo_lambda:  # above 0: the chosen samples are the likelier ones, in odds
+            sampling["log_odds_ratio"] = common.global_mean(
+                sum(log_odds_ratios) / max(1, len(log_odds_ratios)))
         common.log_step(metrics_file, {
             "step": step, **sampling, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
             "grad_norm": grad_norm, "generated_tokens": state["generated_tokens"],

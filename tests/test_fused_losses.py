@@ -151,11 +151,12 @@ def test_opsd_sampled_token_loss_equals_the_unfused_one(kind, lora):
     def fused():
         hidden = common.completion_hidden(model, batch)[mask]
         return opsd.sampled_token_loss(
-            common.target_logprobs(model, hidden, targets, 1.1, chunk_size=2), teacher_logprobs)
+            common.target_logprobs(model, hidden, targets, 1.1, chunk_size=2), teacher_logprobs,
+            torch.ones(len(targets)))
 
     def unfused():
         return opsd.sampled_token_loss(unfused_logprobs(model, prompts, completions, 1.1)[mask],
-                                       teacher_logprobs)
+                                       teacher_logprobs, torch.ones(len(targets)))
 
     assert_same(model, fused, unfused)
 

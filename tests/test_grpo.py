@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -52,6 +53,37 @@ def test_garl_scales_each_problems_advantages_by_its_success_rate(tmp_path, monk
     assert trained and not torch.allclose(garl, plain)  # some group was amplified
     expected = torch.tensor([float(plain[j]) * rates[i] ** -0.5 for j, i in enumerate(trained)])
     assert torch.allclose(garl, expected)
+
+
+def test_sft_probability_by_hand():
+    assert grpo.sft_probability(0.3, 0.3, grad_norm=2.0, first_grad_norm=2.0) == 0.5  # the start
+    # A gradient half the first one, NLL log(2) below the initial: odds 1/2 * 1/2 = 1/4, P = 1/5.
+    assert grpo.sft_probability(0.3 - math.log(2), 0.3, 1.0, 2.0) == pytest.approx(0.2)
+    # Drifted: NLL log(3) above the initial, same gradient norm: odds 3, P = 3/4.
+    assert grpo.sft_probability(0.3 + math.log(3), 0.3, 2.0, 2.0) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("mix", ["fixed", "adaptive"])
+def test_sft_warmup_then_a_seeded_choice_of_sft_or_grpo_each_step(tmp_path, mix):
+    import random
+    out = tmp_path / mix
+    grpo.main(["--steps", "6", "--batch-size", "4", "--eval-n", "0", "--max-new-tokens", "32",
+               "--sft-warmup-steps", "2", "--sft-mix", mix, "--sft-probability", "0.5",
+               "--out", str(out)])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["update"] for row in rows[:2]] == ["sft", "sft"]  # the warm-up
+    assert rows[1]["generated_tokens"] == 0 and "reward" not in rows[0]  # nothing sampled
+    first = rows[0]["sft_grad_norm"]
+    for step, row in enumerate(rows[2:], start=2):
+        if mix == "fixed":  # the SFT pass runs only for SFT steps
+            assert row["sft_probability"] == 0.5 and ("sft_loss" in row) == (row["update"] == "sft")
+        else:
+            odds = row["sft_grad_norm"] / first * math.exp(row["sft_loss"] - row["sft_initial_loss"])
+            assert row["sft_probability"] == pytest.approx(odds / (1 + odds))
+        draw = random.Random(f"sft-or-grpo 0 {step}").random()
+        assert row["update"] == ("sft" if draw < row["sft_probability"] else "grpo")
+        assert ("reward" in row) == (row["update"] == "grpo")
+    assert rows[-1]["generated_tokens"] > 0
 
 
 def slow_policy_loss(logp, old_logp, advantages, mask, ref_logp, beta, eps_low, eps_high,
@@ -197,6 +229,8 @@ def test_rows_with_zero_advantage_are_skipped_without_changing_the_gradient(tmp_
 @pytest.mark.parametrize("argv, message", [
     (["--beta", "0.04", "--full"], "--beta > 0 needs a reference model"),
     (["--temperature", "0"], "--temperature 0.0: must be positive"),
+    (["--sft-mix", "adaptive", "--full"], "--sft-mix adaptive compares with the initial model"),
+    (["--sft-warmup-steps", "2", "--num-iterations", "2"], "need --num-iterations 1"),
     (["--garl-q", "1"], "--garl-q 1.0: must be in \\[0, 1\\)"),
     (["--chunk-size", "0"], "--chunk-size 0: must be at least 1"),
     (["--micro-batch-size", "-1"], "--micro-batch-size -1: must be at least 0"),

@@ -53,10 +53,11 @@ def test_all_seven_projections_wrapped_and_only_lora_trainable(toy_model):
             assert parameter.grad is None, name
 
 
-def test_merged_equals_unmerged_and_unmerge_restores(toy_model):
+@pytest.mark.parametrize("dora", [False, True])
+def test_merged_equals_unmerged_and_unmerge_restores(dora, toy_model):
     model, tokenizer = toy_model
     inputs = batch(tokenizer)
-    apply_lora(model, r=4, alpha=8)
+    apply_lora(model, r=4, alpha=8, dora=dora)
     randomize_lora(model)
     base_weight = model.model.layers[1].mlp.down_proj.base_layer.weight.clone()
     unmerged = logits(model, inputs)
@@ -68,11 +69,12 @@ def test_merged_equals_unmerged_and_unmerge_restores(toy_model):
     assert torch.allclose(logits(model, inputs), unmerged, atol=1e-5)
 
 
-def test_lora_disabled_gives_the_base_model(toy_model):
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_disabled_gives_the_base_model(dora, toy_model):
     model, tokenizer = toy_model
     inputs = batch(tokenizer)
     base = logits(model, inputs)
-    apply_lora(model, r=4, alpha=8)
+    apply_lora(model, r=4, alpha=8, dora=dora)
     randomize_lora(model)
     adapted = logits(model, inputs)
     assert not torch.allclose(adapted, base, atol=1e-3)
@@ -85,31 +87,35 @@ def test_lora_disabled_gives_the_base_model(toy_model):
             pass
 
 
-def test_save_load_round_trip_in_peft_layout(toy_model, toy, tmp_path):
+@pytest.mark.parametrize("dora", [False, True])
+def test_save_load_round_trip_in_peft_layout(dora, toy_model, toy, tmp_path):
     model, tokenizer = toy_model
     inputs = batch(tokenizer)
-    apply_lora(model, r=4, alpha=8, targets=("q_proj", "v_proj"))
+    apply_lora(model, r=4, alpha=8, targets=("q_proj", "v_proj"), dora=dora)
     randomize_lora(model)
     expected = logits(model, inputs)
     save_lora(model, tmp_path, base_model="toy")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
-    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"] and config["use_dora"] == dora
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert "base_model.model.model.layers.3.self_attn.v_proj.lora_B.weight" in keys
-    assert len(keys) == 4 * 2 * 2  # layers x (q, v) x (A, B)
+    if dora:  # PEFT's key of DoRA's magnitude
+        assert "base_model.model.model.layers.2.self_attn.q_proj.lora_magnitude_vector" in keys
+    assert len(keys) == 4 * 2 * (3 if dora else 2)  # layers x (q, v) x (A, B[, magnitude])
 
     fresh, _ = common.load_model("toy")
     load_lora(fresh, tmp_path)
     assert torch.allclose(logits(fresh, inputs), expected, atol=1e-6)
 
 
-def test_save_merged_exports_a_plain_model(toy_model, tmp_path):
+@pytest.mark.parametrize("dora", [False, True])
+def test_save_merged_exports_a_plain_model(dora, toy_model, tmp_path):
     from transformers import AutoModelForCausalLM
     model, tokenizer = toy_model
     inputs = batch(tokenizer)
-    apply_lora(model, r=4, alpha=8)
+    apply_lora(model, r=4, alpha=8, dora=dora)
     randomize_lora(model)
     expected = logits(model, inputs)
     save_merged(model, tokenizer, tmp_path)
@@ -117,6 +123,46 @@ def test_save_merged_exports_a_plain_model(toy_model, tmp_path):
     assert not any(".lora_" in name or "base_layer" in name for name in exported.state_dict())
     assert torch.allclose(logits(exported, inputs), expected, atol=1e-4)
     assert torch.allclose(logits(model, inputs), expected)  # the LoRA model itself is unchanged
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_dora_layer_matches_the_formula_with_the_norm_detached(bias):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5, bias=bias)
+    layer = LoRALinear(base, r=2, alpha=4, dora=True)
+    x = torch.randn(3, 6)
+    assert torch.allclose(layer(x), base(x), atol=1e-6)  # B = 0 and m = ||W||: the base layer
+    for parameter in (layer.lora_B.weight, layer.lora_magnitude_vector):
+        parameter.data += torch.randn(parameter.shape) * 0.3
+    # W' = m * V / ||V||, V = W + (alpha / r) B A, the norm of each output row treated as a constant.
+    direction = base.weight.double() + 2.0 * (layer.lora_B.weight @ layer.lora_A.weight).double()
+    norm = direction.norm(dim=1, keepdim=True).detach()
+    expected = x.double() @ (layer.lora_magnitude_vector.double()[:, None] * direction / norm).T
+    expected = expected + (base.bias.double() if bias else 0)
+    out = layer(x)
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+    weights = torch.randn(3, 5)
+    gradients = torch.autograd.grad((out * weights).sum(), [layer.lora_A.weight, layer.lora_B.weight,
+                                                             layer.lora_magnitude_vector])
+    expected_gradients = torch.autograd.grad((expected * weights.double()).sum(),
+                                             [layer.lora_A.weight, layer.lora_B.weight,
+                                              layer.lora_magnitude_vector])
+    for got, want in zip(gradients, expected_gradients):
+        assert torch.allclose(got.double(), want.double(), atol=1e-5)
+
+
+def test_dora_trains_magnitudes_and_directions(tmp_path):
+    import sft
+    out = tmp_path / "dora"
+    sft.main(["--steps", "2", "--batch-size", "4", "--eval-n", "0", "--dora", "--out", str(out)])
+    adapter = out / "checkpoint-000002"
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
+    model, _ = common.load_model("toy")
+    load_lora(model, adapter)
+    layer = model.model.layers[0].mlp.down_proj
+    base_norm = layer.base_layer.weight.norm(dim=1)
+    assert layer.dora and not torch.allclose(layer.lora_magnitude_vector, base_norm)  # m moved
+    assert layer.lora_B.weight.abs().sum() > 0
 
 
 def test_bf16_model_with_gradient_checkpointing_trains_lora():

@@ -120,12 +120,79 @@ def test_sampled_token_loss_matches_the_formula():
     student_logprobs = (-torch.rand(2, 4) * 3).requires_grad_()
     teacher_logprobs = -torch.rand(2, 4) * 3
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    loss = opsd.sampled_token_loss(student_logprobs[mask.bool()], teacher_logprobs[mask.bool()])
+    loss = opsd.sampled_token_loss(student_logprobs[mask.bool()], teacher_logprobs[mask.bool()],
+                                   torch.ones(5))
     loss.backward()
     advantages = teacher_logprobs - student_logprobs.detach()
     assert loss.item() == pytest.approx((-(advantages * student_logprobs.detach())[mask.bool()]).mean().item())
     # the advantage is a constant: the gradient is -A_t / |o| on completion tokens, 0 elsewhere
     assert torch.allclose(student_logprobs.grad, -advantages * mask / mask.sum())
+
+
+def test_paced_weights_by_hand():
+    correct = torch.tensor([1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0])  # pass rates 1/4, 1, 1/2
+    weights = opsd.paced_weights(correct, group_size=4)
+    expected = [0.25 * 0.75] * 4 + [0.0] * 4 + [0.25] * 4  # p (1 - p)
+    assert torch.allclose(weights, torch.tensor(expected))
+    skewed = opsd.paced_weights(correct, group_size=4, alpha=2.0, beta=0.5)
+    assert skewed[0].item() == pytest.approx(0.25 ** 2 * 0.75 ** 0.5)
+
+
+def test_weighted_divergence_is_the_weighted_mean_of_the_rows():
+    student, teacher, mask = random_logits()
+    row_weights = torch.tensor([0.5, 0.0, 2.0])
+    got = logit_divergence(student, teacher, row_weights[:, None] * mask, 0.0, 1.0, 0.0)
+    rows = [(slow_divergence(student[i:i + 1], teacher[i:i + 1], mask[i:i + 1], 0.0, 1.0, 0.0),
+             int(mask[i].sum())) for i in (0, 2)]  # the per-token mean of each row
+    expected = (0.5 * rows[0][0] * rows[0][1] + 2.0 * rows[1][0] * rows[1][1]) / (
+        0.5 * rows[0][1] + 2.0 * rows[1][1])
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_paced_trains_the_rows_of_problems_at_the_frontier_and_the_schedule_switches_kl(
+        tmp_path, monkeypatch):
+    weights, trained_rows, betas = [], [], []  # per step
+    real_weights, real_hidden, real_divergence = (opsd.paced_weights, common.completion_hidden,
+                                                  opsd.divergence)
+
+    def record_weights(*args):
+        weights.append(real_weights(*args))
+        trained_rows.append(0)
+        return weights[-1]
+
+    def record_rows(model, batch):
+        if torch.is_grad_enabled():  # the student's pass, not the teacher's
+            trained_rows[-1] += batch["completion_ids"].shape[0]
+        return real_hidden(model, batch)
+
+    def record_beta(*args):
+        betas.append(args[6])
+        return real_divergence(*args)
+    monkeypatch.setattr(opsd, "paced_weights", record_weights)
+    monkeypatch.setattr(common, "completion_hidden", record_rows)
+    monkeypatch.setattr(opsd, "divergence", record_beta)
+    out = tmp_path / "paced"
+    opsd.main(["--steps", "4", "--batch-size", "4", "--num-generations", "4", "--eval-n", "0",
+               "--max-new-tokens", "40", "--micro-batch-size", "4", "--paced",
+               "--forward-then-reverse", "--out", str(out)])
+    # A problem solved by none or all of its 4 rollouts has weight 0: its rows are not trained.
+    assert trained_rows == [int((w > 0).sum()) for w in weights]
+    assert 0 < sum(trained_rows) < 4 * 16  # the case is tested: some rows had weight 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["paced_weight"] for row in rows] == pytest.approx([float(w.mean()) for w in weights])
+    # Forward KL (beta 0) in steps 1-2, reverse KL (beta 1) in steps 3-4, every micro-batch.
+    assert betas[0] == 0.0 and betas[-1] == 1.0 and betas == sorted(betas) and set(betas) == {0, 1}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--paced"], "--paced needs --num-generations >= 2"),
+    (["--forward-then-reverse", "--jsd-beta", "0.5"], "--forward-then-reverse sets"),
+    (["--forward-then-reverse", "--loss", "sampled"], "--forward-then-reverse sets"),
+])
+def test_paced_options_fail_in_one_line_before_the_model_loads(argv, message, monkeypatch):
+    monkeypatch.setattr(common, "load_model", lambda *args, **kwargs: pytest.fail("loaded"))
+    with pytest.raises(common.InputError, match=message):
+        opsd.main(argv + ["--out", "unused"])
 
 
 def test_training_step_sees_the_same_completion_and_keeps_the_fixed_teacher(tmp_path, monkeypatch, toy):

@@ -150,15 +150,19 @@ def test_rejection_sampling_keeps_correct_finished_distinct_samples(toy, monkeyp
     monkeypatch.setattr(common, "sample_rollouts",
                         lambda *args: fake_rollouts(tokenizer, prompts, texts, finished))
     args = sft.parse_args(["--rejection-sampling", "4"])
-    rows, num_correct = sft.correct_samples(None, tokenizer, examples, args, {})
+    correct, wrong, num_correct = sft.judged_samples(None, tokenizer, examples, args, {})
     # Question 0: samples 0-3; 0 and 1 are the same text (kept once), 3 is wrong.
-    # Question 1: samples 4-7; 5 has question 0's answer, 6 never finished, 7 has none.
+    # Question 1: samples 4-7; 5 has question 0's answer, 6 is right but never finished (neither
+    # kept nor wrong), 7 has no answer.
     assert num_correct == 5
-    kept = [tokenizer.decode(completion, skip_special_tokens=True) for _, completion in rows]
-    assert kept == [texts[0], texts[2], texts[4]]
-    assert all(completion[-1] == tokenizer.eos_token_id for _, completion in rows)
+
+    def decoded(rows):
+        return [tokenizer.decode(completion, skip_special_tokens=True) for _, completion in rows]
+    assert [decoded(rows) for rows in correct] == [[texts[0], texts[2]], [texts[4]]]
+    assert [decoded(rows) for rows in wrong] == [[texts[3]], [texts[5], texts[7]]]
+    assert all(completion[-1] == tokenizer.eos_token_id for _, completion in correct[0] + correct[1])
     student_prompt = tokenizer(prompts[1], add_special_tokens=False)["input_ids"]
-    assert rows[2][0] == student_prompt  # the question's own prompt, without the padding
+    assert correct[1][0][0] == student_prompt  # the question's own prompt, without the padding
 
 
 def test_rejection_sampling_run_logs_samples_and_periodic_evaluation(tmp_path):
@@ -199,3 +203,51 @@ def test_the_open_book_mixture_is_toy_only(tmp_path, monkeypatch):
     for mixed, original in open_book[:200]:
         assert common.student_message(mixed) == opsd.teacher_prompt(original["question"],
                                                                     original["solution"])
+
+
+def test_orpo_loss_matches_the_formula_in_float64():
+    import math
+    torch.manual_seed(0)
+    logprobs = -torch.rand(4, 6) * 2
+    logprobs[0, :] = -1e-5  # a chosen sample the model is almost sure of: p near 1
+    mask = torch.ones(4, 6)
+    mask[1, 4:] = 0
+    mask[3, 5:] = 0
+    chosen, rejected = logprobs[0::2], logprobs[1::2]  # pairs (0, 1) and (2, 3)
+    loss, ratios = sft.orpo_loss(chosen, mask[0::2], rejected, mask[1::2], num_target_tokens=11,
+                                 num_pairs=2, orpo_lambda=0.1)
+
+    def log_odds(row):  # the obvious way, in float64
+        tokens = [float(v) for v, m in zip(logprobs[row], mask[row]) if m]
+        p = math.exp(sum(tokens) / len(tokens))
+        return math.log(p / (1 - p))
+    expected_ratios = [log_odds(0) - log_odds(1), log_odds(2) - log_odds(3)]
+    nll = -float((logprobs[0::2] * mask[0::2]).sum()) / 11
+    expected = nll + 0.1 * sum(math.log(1 + math.exp(-r)) for r in expected_ratios) / 2
+    assert ratios.tolist() == pytest.approx(expected_ratios, rel=1e-5)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_orpo_run_trains_on_pairs_of_a_correct_and_a_wrong_sample(tmp_path, monkeypatch):
+    pair_batches = []
+    real_loss = sft.orpo_loss
+
+    def record(chosen_logprobs, *args):
+        pair_batches.append(chosen_logprobs.shape[0])
+        return real_loss(chosen_logprobs, *args)
+    monkeypatch.setattr(sft, "orpo_loss", record)
+    out = tmp_path / "orpo"
+    sft.main(QUICK + ["--rejection-sampling", "4", "--orpo-lambda", "--steps", "2", "--batch-size",
+                      "6", "--micro-batch-size", "3", "--out", str(out)])
+    rows = metrics(out)
+    assert sum(row["kept"] for row in rows) == 2 * sum(pair_batches) > 0  # whole pairs only
+    assert max(pair_batches) == 1  # micro-batch 3 rounds down to one pair of 2 rows
+    assert all("log_odds_ratio" in row for row in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "orpo" and summary["args"]["orpo_lambda"] == 0.1
+
+
+def test_orpo_needs_rejection_sampling(monkeypatch):
+    monkeypatch.setattr(common, "load_model", lambda *args, **kwargs: pytest.fail("loaded"))
+    with pytest.raises(common.InputError, match="--orpo-lambda needs --rejection-sampling K >= 2"):
+        sft.main(["--orpo-lambda", "0.2", "--out", "unused"])
