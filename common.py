@@ -173,6 +173,8 @@ def parse_args(parser, argv, toy_settings, ranges=None):
     for name, (valid, must_be) in {**RANGES, **(ranges or {})}.items():
         if hasattr(args, name) and not valid(getattr(args, name)):
             raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {must_be}")
+    if getattr(args, "dora", False) and args.full:
+        raise InputError("--dora adapts LoRA layers: it cannot go with --full")
     return args
 
 

@@ -126,8 +126,8 @@ def cold_start_amplification(successes, group_size, q):
     its gradient direction and is amplified by P^(-q): a problem the model rarely solves gets a
     large factor, which is how the paper escapes a "cold start", where plain GRPO learns in
     O(1/p0) time. GARL ("gradient-amplified RL") estimates P by the group's success rate
-    (biased by O(q / (G P^(q+1)))). A group with no success has advantage 0 whatever its factor:
-    it gets 1, not infinity.
+    (biased by O(q / (G P^(q+1)))). A group with no success gets 1, not infinity (its advantages
+    are 0, unless --format-reward spreads them).
     """
     success_rate = successes.view(-1, group_size).float().mean(dim=1)  # [prompts]
     factor = torch.where(success_rate > 0, success_rate.clamp(min=1e-8) ** -q, 1.0)

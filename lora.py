@@ -9,7 +9,8 @@ DoRA (Liu et al. 2024, arXiv 2402.09353; `dora=True`) splits the adapted weight 
 and a trainable magnitude m per output row:  W' = m * (W + s B A) / ||W + s B A||, the norm of each
 row, m starting at ||W|| (so training again starts from the base model). As the paper's section
 4.3 advises, the norm is treated as a constant in the backward pass (detached): the magnitude
-then learns the scale and B A the direction, at little more memory than LoRA.
+then learns the scale and B A the direction, at little more memory than LoRA. Saved with PEFT's
+`lora_magnitude_vector` and `use_dora`, PEFT 0.21.2 loads it with the same logits (checked by hand).
 """
 import json
 import math
@@ -41,14 +42,25 @@ class LoRALinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(base_layer.weight.detach().float().norm(dim=1))
         self.merged = False
         self.disabled = False
+        self.cached_scale = None  # (versions of W, A, B and m, dora_scale()) for decoding
 
     def delta_weight(self):
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # [out, in]
 
     def dora_scale(self):
-        """m / ||W + s B A|| per output row: [out], the norm detached (DoRA's section 4.3)."""
+        """m / ||W + s B A|| per output row: [out], the norm detached (DoRA's section 4.3).
+
+        It costs a pass over W. In inference mode (sampling: one call per generated token) it is
+        computed once and reused until W, A, B or m change (their in-place version counters)."""
+        decoding = torch.is_inference_mode_enabled()
+        versions = tuple(p._version for p in (self.base_layer.weight, self.lora_A.weight,
+                                              self.lora_B.weight, self.lora_magnitude_vector))
+        if decoding and self.cached_scale is not None and self.cached_scale[0] == versions:
+            return self.cached_scale[1]
         weight = self.base_layer.weight.float() + self.delta_weight().detach()
-        return self.lora_magnitude_vector / weight.norm(dim=1)
+        scale = self.lora_magnitude_vector / weight.norm(dim=1).clamp(min=1e-12)
+        self.cached_scale = (versions, scale) if decoding else None
+        return scale
 
     def adapted_weight(self):
         """The weight this layer computes with: W + s B A (LoRA) or DoRA's W', float32 [out, in]."""
@@ -59,12 +71,17 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)
         if self.disabled or self.merged:
             return y
-        update = self.scaling * self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        dropped = self.dropout(x.to(self.lora_A.weight.dtype))
+        update = self.scaling * self.lora_B(self.lora_A(dropped))
         if not self.dora:
             return y + update.to(y.dtype)
         # DoRA: m/n (W x + s B A x) + bias = y + (m/n - 1) W x + m/n s B A x, W x = y - bias.
+        # With dropout in training, W x is taken on the dropped-out input, as PEFT does.
         scale = self.dora_scale()  # [out]
-        base = y - self.base_layer.bias if self.base_layer.bias is not None else y
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            base = nn.functional.linear(dropped, self.base_layer.weight.to(dropped.dtype))
+        else:
+            base = y - self.base_layer.bias if self.base_layer.bias is not None else y
         return y + ((scale - 1) * base.to(scale.dtype) + scale * update).to(y.dtype)
 
 

@@ -131,15 +131,17 @@ def pointwise_divergence(student_logits, teacher_logits, beta, temperature, clip
 
 
 def paced_weights(correct, group_size, alpha=1.0, beta=1.0):
-    """PACED's weight of each problem, w(p) = p^alpha (1 - p)^beta (arXiv 2603.11178, eq. 1):
-    [N] 0/1 correctness of the rollouts, the group_size of a problem adjacent -> [N], each
-    rollout weighted by its problem's w.
+    """PACED's weight of each problem, w(p) = p^alpha (1 - p)^beta (Xu et al. 2026, arXiv
+    2603.11178): [N] 0/1 correctness of the rollouts, the group_size of a problem adjacent -> [N],
+    each rollout weighted by its problem's w.
 
     p is the student's pass rate over its rollouts of the problem. The paper shows that the
     gradient's signal-to-noise ratio vanishes at both ends: a problem the student always solves
     teaches nothing new, one it never solves gives incoherent gradients (and forgetting). The Beta
     kernel puts the weight at the frontier of its competence; alpha = beta = 1, p (1 - p), is
-    the paper's choice, with no hyperparameter. Rows of weight 0 are not trained at all.
+    the paper's choice, with no hyperparameter. Rows of weight 0 are not trained at all. The loss
+    is the weighted mean over the step's tokens (`divergence`): the weights set how the step's
+    problems share it, not the step's size (which AdamW mostly normalises away anyway).
     """
     pass_rate = correct.view(-1, group_size).float().mean(dim=1)  # [problems]
     return (pass_rate ** alpha * (1 - pass_rate) ** beta).repeat_interleave(group_size)

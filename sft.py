@@ -23,7 +23,9 @@ loop with the SFT loss: wrong samples are dropped instead of pushed down, and th
 
 `--rejection-sampling K --orpo-lambda [L]` pushes them down as well: ORPO (Hong et al. 2024, arXiv
 2403.07691) on pairs of a correct and a wrong sample of the same question (see `orpo_loss`), the
-way SFT, ORPO and GRPO are compared on GSM8K. It needs no reference model, unlike DPO.
+way SFT, ORPO and GRPO are compared on GSM8K. It needs no reference model, unlike DPO. It trains on
+pairs only: each correct sample with a wrong one of its question, so a question whose samples are
+all right (or all wrong), and the correct samples beyond its wrong ones, are not trained on.
 
     python sft.py                                                   # built-in toy model and task
     python sft.py --rejection-sampling 8 --steps 60 --batch-size 16  # RFT on the toy

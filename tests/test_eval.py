@@ -171,6 +171,8 @@ def test_compare_takes_sampled_metrics_from_a_later_evaluation_of_the_same_model
     # An eval.json whose greedy accuracy is not the run's evaluated another model: refused.
     with pytest.raises(common.InputError, match="another model"):
         compare.main([run, "--base", str(tmp_path / "a0")])
+    with pytest.raises(common.InputError, match="no eval.json"):
+        compare.main([run, "--base", str(tmp_path)])
 
 
 def test_compare_names_a_folder_without_a_summary(tmp_path):

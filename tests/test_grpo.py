@@ -86,6 +86,21 @@ def test_sft_warmup_then_a_seeded_choice_of_sft_or_grpo_each_step(tmp_path, mix)
     assert rows[-1]["generated_tokens"] > 0
 
 
+def test_a_grpo_step_of_the_adaptive_mix_is_a_plain_grpo_step(tmp_path):
+    # Without a warm-up the first step measures the SFT gradient (P = 1/2) and its seeded draw,
+    # 0.80, picks GRPO: the measured gradient must not leak into the update, nor the SFT pass
+    # change the rollouts.
+    quick = ["--steps", "1", "--batch-size", "4", "--eval-n", "0", "--max-new-tokens", "32"]
+    grpo.main(quick + ["--out", str(tmp_path / "plain")])
+    grpo.main(quick + ["--sft-mix", "adaptive", "--out", str(tmp_path / "mix")])
+    plain, mix = (json.loads((tmp_path / name / "metrics.jsonl").read_text())
+                  for name in ("plain", "mix"))
+    assert mix["update"] == "grpo" and mix["sft_probability"] == 0.5
+    assert mix["sft_loss"] == pytest.approx(mix["sft_initial_loss"])  # LoRA's B = 0: the initial model
+    for key in ["reward", "generated_tokens", "grad_norm"]:
+        assert mix[key] == plain[key], key
+
+
 def slow_policy_loss(logp, old_logp, advantages, mask, ref_logp, beta, eps_low, eps_high,
                      loss_type, max_len):
     """The formula, one token at a time."""

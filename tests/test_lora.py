@@ -151,6 +151,21 @@ def test_dora_layer_matches_the_formula_with_the_norm_detached(bias):
         assert torch.allclose(got.double(), want.double(), atol=1e-5)
 
 
+def test_dora_scale_is_reused_in_decoding_until_a_weight_changes():
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(6, 5), r=2, alpha=4, dora=True)
+    x = torch.randn(3, 6)
+    with torch.inference_mode():
+        assert layer.dora_scale() is layer.dora_scale()  # one pass over W per set of weights
+        before = layer(x)
+    with torch.no_grad():
+        layer.lora_B.weight.add_(0.5)  # an optimizer step, in place
+    expected = layer(x)  # computed afresh: autograd on
+    with torch.inference_mode():
+        after = layer(x)
+    assert torch.allclose(after, expected) and not torch.allclose(after, before)
+
+
 def test_dora_trains_magnitudes_and_directions(tmp_path):
     import sft
     out = tmp_path / "dora"
@@ -163,6 +178,8 @@ def test_dora_trains_magnitudes_and_directions(tmp_path):
     base_norm = layer.base_layer.weight.norm(dim=1)
     assert layer.dora and not torch.allclose(layer.lora_magnitude_vector, base_norm)  # m moved
     assert layer.lora_B.weight.abs().sum() > 0
+    with pytest.raises(common.InputError, match="--dora adapts LoRA layers"):
+        sft.main(["--dora", "--full", "--out", str(tmp_path / "unused")])
 
 
 def test_bf16_model_with_gradient_checkpointing_trains_lora():

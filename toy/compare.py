@@ -91,6 +91,9 @@ def compare_command(args):
     (mean ± sd over their seeds), and plot held-out accuracy against generated tokens when
     matplotlib is installed."""
     runs = [read_run(folder) for folder in args.runs]
+    if args.base and not (Path(args.base) / "eval.json").is_file():
+        raise common.InputError(f"--base {args.base}: no eval.json (write one with toy/evaluate.py "
+                                "--out there)")
     methods = {"base (before)": [({**summary, "generated_tokens": 0, "train_tokens": 0,
                                    "wall_seconds": 0, "eval_seconds": 0,
                                    "after": later_evaluation(args.base, summary["before"])
