@@ -73,7 +73,8 @@ def parse_args(argv=None):
     add("--sft-mix", choices=["none", "fixed", "adaptive"], default="none",
         help="after the warm-up, each step SFT or GRPO: fixed, SFT with --sft-probability; "
              "adaptive, the SASR-inspired rule of sft_probability")
-    add("--sft-probability", type=float, default=0.5, help="--sft-mix fixed's chance of SFT")
+    add("--sft-probability", type=float, default=None,
+        help="--sft-mix fixed's chance of SFT at each step (with it, 0.5 if not given)")
     add("--garl-q", type=float, default=0.0,
         help="GARL's cold-start amplification: scale each problem's policy gradient by (its "
              "group's success rate)^-q (0: plain GRPO)")
@@ -86,7 +87,7 @@ def parse_args(argv=None):
         "epsilon_high": (lambda v: v >= 0, "at least 0"),
         "garl_q": (lambda v: 0 <= v < 1, "in [0, 1): 0 is plain GRPO"),
         "sft_warmup_steps": (lambda v: v >= 0, "at least 0"),
-        "sft_probability": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "sft_probability": (lambda v: v is None or 0 <= v <= 1, "in [0, 1]"),
         "temperature": (lambda v: v > 0, "positive: GRPO samples its rollouts")})
     if args.beta > 0 and args.full:
         raise common.InputError("--beta > 0 needs a reference model: use LoRA (the base is the "
@@ -94,6 +95,10 @@ def parse_args(argv=None):
     if args.sft_mix == "adaptive" and args.full:
         raise common.InputError("--sft-mix adaptive compares with the initial model: use LoRA (the "
                                 "base is the initial model), not --full")
+    if args.sft_probability is not None and args.sft_mix != "fixed":
+        raise common.InputError("--sft-probability is the chance of --sft-mix fixed: give that too")
+    if args.sft_mix == "fixed" and args.sft_probability is None:
+        args.sft_probability = 0.5
     if (args.sft_warmup_steps or args.sft_mix != "none") and args.num_iterations > 1:
         raise common.InputError("--sft-warmup-steps and --sft-mix take one update a step: they "
                                 "need --num-iterations 1")

@@ -72,8 +72,8 @@ def parse_args(argv=None):
     add("--paced", action="store_true",
         help="PACED: weight each problem by p^alpha (1 - p)^beta, p = the student's pass rate "
              "over its --num-generations rollouts")
-    add("--paced-alpha", type=float, default=1.0, help="PACED's alpha")
-    add("--paced-beta", type=float, default=1.0, help="PACED's beta")
+    add("--paced-alpha", type=float, default=None, help="PACED's alpha (with --paced, 1 if not given)")
+    add("--paced-beta", type=float, default=None, help="PACED's beta (with --paced, 1 if not given)")
     add("--forward-then-reverse", action="store_true",
         help="PACED's two stages: forward KL (--jsd-beta 0) for the first half of the steps, "
              "reverse KL (1) for the second")
@@ -83,10 +83,15 @@ def parse_args(argv=None):
         "num_generations": (lambda v: v >= 1, "at least 1"),
         "jsd_beta": (lambda v: 0 <= v <= 1, "in [0, 1]: 0 forward KL, 1 reverse KL"),
         "clip": (lambda v: v >= 0, "at least 0 (0: no cap)"),
-        "paced_alpha": (lambda v: v >= 0, "at least 0"),
-        "paced_beta": (lambda v: v >= 0, "at least 0"),
+        "paced_alpha": (lambda v: v is None or v >= 0, "at least 0"),
+        "paced_beta": (lambda v: v is None or v >= 0, "at least 0"),
         "temperature": (lambda v: v > 0, "positive: the student samples its completions and both "
                                          "distributions are softmax(logits / temperature)")})
+    if not args.paced and (args.paced_alpha, args.paced_beta) != (None, None):
+        raise common.InputError("--paced-alpha and --paced-beta are PACED's: give --paced too")
+    if args.paced:
+        args.paced_alpha = 1.0 if args.paced_alpha is None else args.paced_alpha
+        args.paced_beta = 1.0 if args.paced_beta is None else args.paced_beta
     if args.paced and args.num_generations < 2:
         raise common.InputError("--paced needs --num-generations >= 2: a pass rate of one rollout "
                                 "is 0 or 1, whose weight is 0")

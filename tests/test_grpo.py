@@ -68,8 +68,7 @@ def test_sft_warmup_then_a_seeded_choice_of_sft_or_grpo_each_step(tmp_path, mix)
     import random
     out = tmp_path / mix
     grpo.main(["--steps", "6", "--batch-size", "4", "--eval-n", "0", "--max-new-tokens", "32",
-               "--sft-warmup-steps", "2", "--sft-mix", mix, "--sft-probability", "0.5",
-               "--out", str(out)])
+               "--sft-warmup-steps", "2", "--sft-mix", mix, "--out", str(out)])  # fixed: P 0.5
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["update"] for row in rows[:2]] == ["sft", "sft"]  # the warm-up
     assert rows[1]["generated_tokens"] == 0 and "reward" not in rows[0]  # nothing sampled
@@ -246,6 +245,8 @@ def test_rows_with_zero_advantage_are_skipped_without_changing_the_gradient(tmp_
     (["--temperature", "0"], "--temperature 0.0: must be positive"),
     (["--sft-mix", "adaptive", "--full"], "--sft-mix adaptive compares with the initial model"),
     (["--sft-warmup-steps", "2", "--num-iterations", "2"], "need --num-iterations 1"),
+    (["--sft-probability", "0.3"], "--sft-probability is the chance of --sft-mix fixed"),
+    (["--sft-mix", "fixed", "--sft-probability", "1.5"], "--sft-probability 1.5: must be in"),
     (["--garl-q", "1"], "--garl-q 1.0: must be in \\[0, 1\\)"),
     (["--chunk-size", "0"], "--chunk-size 0: must be at least 1"),
     (["--micro-batch-size", "-1"], "--micro-batch-size -1: must be at least 0"),

@@ -186,6 +186,7 @@ def test_paced_trains_the_rows_of_problems_at_the_frontier_and_the_schedule_swit
 
 @pytest.mark.parametrize("argv, message", [
     (["--paced"], "--paced needs --num-generations >= 2"),
+    (["--paced-alpha", "2"], "--paced-alpha and --paced-beta are PACED's"),
     (["--forward-then-reverse", "--jsd-beta", "0.5"], "--forward-then-reverse sets"),
     (["--forward-then-reverse", "--loss", "sampled"], "--forward-then-reverse sets"),
 ])
