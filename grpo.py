@@ -36,11 +36,11 @@ So watch the reward and the gradient norm, not the loss.
 import argparse
 import math
 import random
-import time
 
 import torch
 
 import common
+import engine
 import sft
 from lora import lora_disabled
 
@@ -155,37 +155,46 @@ def sft_probability(nll, initial_nll, grad_norm, first_grad_norm):
     (LoRA off). Both ratios are 1 at the start: P = 1/2. Once the model fits the references (a
     small SFT gradient, a lower NLL) P falls and GRPO takes over; when RL moves the model away
     from them P rises towards 1 and SFT pulls it back. It needs the SFT forward and backward pass
-    at every step, GRPO steps included (`reference_sft`).
+    at every step, GRPO steps included (`sft_mix_step`).
     """
     odds = grad_norm / first_grad_norm * math.exp(nll - initial_nll)
     return odds / (1 + odds)
 
 
-def reference_sft(model, tokenizer, examples, args, initial_nll):
-    """sft.py's loss on the step's reference solutions, backward (the gradients then hold the SFT
-    gradient). Returns (NLL, NLL under the initial model if initial_nll else None, the gradient's
-    norm (under torchrun: the mean of the ranks' norms), training tokens)."""
-    device = common.device_of(model)
-    rows = [sft.encode(tokenizer, example, args.max_new_tokens) for example in examples]
-    num_target_tokens = common.global_sum(sum(len(completion) for _, completion in rows))
-    nll, initial, tokens = 0.0, 0.0, 0
-    for first in range(0, len(rows), args.micro_batch_size):
-        micro = rows[first:first + args.micro_batch_size]
-        batch = common.pack([p for p, _ in micro], [c for _, c in micro], tokenizer.pad_token_id,
-                            device)
-        mask = batch["completion_mask"]
-        loss = sft.sft_loss(common.token_logprobs(model, batch, chunk_size=args.chunk_size), mask,
-                            num_target_tokens)
-        loss.backward()
-        nll += loss.item()
-        if initial_nll:
+def sft_mix_step(run, examples):
+    """With --sft-warmup-steps / --sft-mix: whether this step is an SFT step on the references, and
+    the SFT gradient if it is. The first --sft-warmup-steps steps are SFT; after them each step is
+    SFT with --sft-probability (fixed) or `sft_probability` (adaptive, which needs the SFT gradient
+    and the initial model's NLL at every step, so a GRPO step measures them too, then discards the
+    gradient). The draw is the same on every rank and on resume: seeded by the seed and the step.
+    Returns (metrics for the log, with "update": "sft" or "grpo"; this rank's training tokens).
+    """
+    args, model, step = run.args, run.model, run.step
+    warmup = step < args.sft_warmup_steps
+    adaptive = not warmup and args.sft_mix == "adaptive"
+    draw = random.Random(f"sft-or-grpo {args.seed} {step}").random()
+    probability = 1.0 if warmup else None if adaptive else args.sft_probability
+    metrics, train_tokens = {}, 0
+    if adaptive or draw < probability:  # the SFT gradient is needed: compute it
+        rows = [sft.encode(run.tokenizer, example, args.max_new_tokens) for example in examples]
+        nll, train_tokens, _ = sft.sft_gradient(model, run.tokenizer.pad_token_id, rows,
+                                                args.micro_batch_size, args.chunk_size)
+        grad_norm = sum(float(p.grad.norm()) ** 2 for p in model.parameters() if p.grad is not None)
+        grad_norm = common.global_mean(grad_norm ** 0.5)  # under torchrun: the ranks' mean
+        run.state.setdefault("first_sft_grad_norm", grad_norm)  # kept in checkpoints
+        metrics = {"sft_loss": nll, "sft_grad_norm": grad_norm}
+        if adaptive:
             with torch.no_grad(), lora_disabled(model):
-                initial += sft.sft_loss(common.token_logprobs(
-                    model, batch, chunk_size=args.chunk_size), mask, num_target_tokens).item()
-        tokens += int(batch["prompt_mask"].sum() + mask.sum()) * (2 if initial_nll else 1)
-    grad_norm = sum(float(p.grad.norm()) ** 2 for p in model.parameters() if p.grad is not None)
-    return (common.global_sum(nll), common.global_sum(initial) if initial_nll else None,
-            common.global_mean(grad_norm ** 0.5), common.global_sum(tokens))
+                initial_nll, initial_tokens, _ = sft.sft_gradient(
+                    model, run.tokenizer.pad_token_id, rows, args.micro_batch_size, args.chunk_size)
+            train_tokens += initial_tokens
+            probability = sft_probability(nll, initial_nll, grad_norm,
+                                          run.state["first_sft_grad_norm"])
+            metrics["sft_initial_loss"] = initial_nll
+    update = "sft" if draw < probability else "grpo"
+    if update == "grpo":
+        run.optimizer.zero_grad(set_to_none=True)  # an SFT gradient was only measured
+    return {"update": update, "sft_probability": probability, **metrics}, train_tokens
 
 
 def k3_kl(logp, ref_logp):
@@ -227,74 +236,44 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp=None, beta=0.0, eps_l
     raise ValueError(f"unknown loss_type {loss_type!r}")
 
 
-def reward(text, answer, format_reward=0.0):
+def reward(correct, readable, format_reward=0.0):
     """1 if the completion's final answer equals the reference (the OPSD paper's reward), else 0;
-    plus `format_reward` when a final answer could be read at all."""
-    parsed = common.extract_answer(text) is not None
-    return float(common.is_correct(text, answer)) + (format_reward if parsed else 0.0)
+    plus `format_reward` when a final answer could be read at all. [N] bool tensors -> [N]."""
+    return correct.float() + format_reward * readable.float()
+
+
+def rewards_and_advantages(rollouts, examples, args):
+    """The step's rewards [N] and advantages [N]: group-relative (`group_advantages`), and with
+    --garl-q amplified by each problem's success rate (`cold_start_amplification`)."""
+    group_size = args.num_generations
+    correct = common.judge(rollouts["texts"], examples, group_size)  # [N]
+    readable = torch.tensor([common.extract_answer(text) is not None for text in rollouts["texts"]])
+    rewards = reward(correct, readable, args.format_reward)
+    advantages = group_advantages(rewards, group_size, scale=args.scale_rewards == "group")
+    if args.garl_q > 0:
+        advantages = advantages * cold_start_amplification(correct, group_size, args.garl_q)
+    return rewards, advantages
 
 
 def main(argv=None):
     args = parse_args(argv)
-    model, tokenizer, train_examples, eval_examples, optimizer, scheduler, step, state = \
-        common.start_run(args, updates_per_step=args.num_iterations)
-    metrics_file = common.open_metrics(args.out, step)
-    device = common.device_of(model)
-    group_size = args.num_generations
-    model.train()
-    loop_start, first_step, wall_before = time.time(), step, state["wall_seconds"]
-
-    def end_step(metrics):  # log the step; evaluate and save a checkpoint when they are due
-        metrics.update(common.periodic_evaluation(args, step, model, tokenizer, eval_examples, state))
-        common.log_step(metrics_file, metrics, args.steps,
-                        (time.time() - loop_start) / (step - first_step))
-        common.save_every(args, step, model, tokenizer, optimizer, scheduler, state)
-
-    while step < args.steps:
-        step_start = time.time()
-        examples = common.next_batch(train_examples, args, state)
-
-        # 0. With --sft-warmup-steps / --sft-mix: an SFT step on the references, or GRPO below.
-        mixing = {}
-        if step < args.sft_warmup_steps or args.sft_mix != "none":
-            warmup = step < args.sft_warmup_steps
-            adaptive = not warmup and args.sft_mix == "adaptive"
-            # The same draw on every rank and on resume: seeded by the run's seed and the step.
-            draw = random.Random(f"sft-or-grpo {args.seed} {step}").random()
-            probability = 1.0 if warmup else None if adaptive else args.sft_probability
-            if adaptive or draw < probability:  # the SFT gradient is needed: compute it
-                nll, initial_nll, sft_grad_norm, sft_tokens = reference_sft(
-                    model, tokenizer, examples, args, initial_nll=adaptive)
-                state.setdefault("first_sft_grad_norm", sft_grad_norm)  # kept in checkpoints
-                state["train_tokens"] += sft_tokens
-                if adaptive:
-                    probability = sft_probability(nll, initial_nll, sft_grad_norm,
-                                                  state["first_sft_grad_norm"])
-                mixing = {"sft_loss": nll, "sft_grad_norm": sft_grad_norm,
-                          **({"sft_initial_loss": initial_nll} if adaptive else {})}
-            choose_sft = draw < probability
-            mixing = {"update": "sft" if choose_sft else "grpo", "sft_probability": probability,
-                      **mixing}
-            if choose_sft:
-                grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
-                step += 1
-                state["wall_seconds"] = wall_before + time.time() - loop_start
-                end_step({"step": step, **mixing, "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": grad_norm, "generated_tokens": state["generated_tokens"]})
+    run = common.start_run(args, updates_per_step=args.num_iterations)
+    model, group_size = run.model, args.num_generations
+    while run.step < args.steps:
+        examples = common.next_batch(run)
+        mixing, sft_tokens = {}, 0
+        if run.step < args.sft_warmup_steps or args.sft_mix != "none":  # an SFT step, or GRPO
+            mixing, sft_tokens = sft_mix_step(run, examples)
+            if mixing["update"] == "sft":
+                grad_norm = common.optimizer_step(run)
+                common.end_step(run, {**mixing, "grad_norm": grad_norm}, sft_tokens)
                 continue
-            optimizer.zero_grad(set_to_none=True)  # GRPO: an SFT gradient was only measured
 
         # 1. Rollouts: G samples per prompt from the current policy, one batched call.
-        rollouts = common.sample_rollouts(model, tokenizer, examples, args, state)
+        rollouts = common.sample_rollouts(run, examples, group_size)
 
         # 2. Rewards and group-relative advantages.
-        rewards = torch.tensor([reward(text, examples[i // group_size]["answer"], args.format_reward)
-                                for i, text in enumerate(rollouts["texts"])])  # [N]
-        advantages = group_advantages(rewards, group_size, scale=args.scale_rewards == "group")
-        if args.garl_q > 0:
-            successes = torch.tensor([common.is_correct(text, examples[i // group_size]["answer"])
-                                      for i, text in enumerate(rollouts["texts"])])  # [N]
-            advantages = advantages * cold_start_amplification(successes, group_size, args.garl_q)
+        rewards, advantages = rewards_and_advantages(rollouts, examples, args)  # [N], [N]
         zero_std = rewards.view(-1, group_size).std(dim=1) == 0  # [prompts]: A = 0, no gradient
         keep = (~zero_std.repeat_interleave(group_size) if args.skip_zero_std
                 else torch.ones_like(rewards, dtype=torch.bool))
@@ -310,20 +289,20 @@ def main(argv=None):
         trained = trained if trained.any() else keep
 
         # 3. Training rows: prompt without its left padding + completion up to its EOS. A micro-
-        # batch runs each of its prompts once, for all its rows (`common.pack`).
-        prompt_rows = common.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
-        completion_rows = common.unpadded(rollouts["completion_ids"], rollouts["completion_mask"])
+        # batch runs each of its prompts once, for all its rows (`engine.pack`).
+        prompt_rows = engine.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
+        completion_rows = engine.unpadded(rollouts["completion_ids"], rollouts["completion_mask"])
         rows_trained = trained.nonzero().flatten().tolist()
         micro_batches = [rows_trained[i:i + args.micro_batch_size]
                          for i in range(0, len(rows_trained), args.micro_batch_size)]
-        packed = [common.pack([prompt_rows[i] for i in rows], [completion_rows[i] for i in rows],
-                              tokenizer.pad_token_id, device) for rows in micro_batches]
+        packed = [engine.pack([prompt_rows[i] for i in rows], [completion_rows[i] for i in rows],
+                              run.tokenizer.pad_token_id, model.device) for rows in micro_batches]
 
         # 4. pi_old: recorded once when the rollouts are reused (mu > 1); else logp.detach() below.
         # All log-probs are those of the policy that sampled: softmax(logits / temperature), as in
         # TRL. (At temperature 1 instead, E[grad log pi] over the samples is not 0: a bias.)
         def logprobs(batch):  # [B, T]
-            return common.token_logprobs(model, batch, args.temperature, args.chunk_size)
+            return engine.token_logprobs(model, batch, args.temperature, args.chunk_size)
 
         old_logps, ref_logps = [], []
         with torch.no_grad():
@@ -341,9 +320,9 @@ def main(argv=None):
                 logp, completion_mask = logprobs(batch), batch["completion_mask"]  # [B, T]
                 old_logp = old_logps[b] if old_logps else logp.detach()
                 ref_logp = ref_logps[b] if ref_logps else None
-                loss = policy_loss(logp, old_logp, advantages[rows].to(device), completion_mask,
-                                   ref_logp, args.beta, args.epsilon_low, args.epsilon_high,
-                                   args.loss_type, args.max_new_tokens)
+                loss = policy_loss(logp, old_logp, advantages[rows].to(model.device),
+                                   completion_mask, ref_logp, args.beta, args.epsilon_low,
+                                   args.epsilon_high, args.loss_type, args.max_new_tokens)
                 # Each micro-batch's loss is a mean over its own rows (or tokens); weight it so
                 # the step's loss is the mean over all of them.
                 weight = (int(completion_mask.sum()) / num_tokens if args.loss_type == "dapo"
@@ -359,30 +338,20 @@ def main(argv=None):
                         kl_sum += float(k3_kl(logp, ref_logp)[mask].sum())
             # With no kept rows (all groups dropped by --skip-zero-std) there are no gradients:
             # AdamW skips the parameters and only the schedule advances.
-            grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
-        step += 1
+            grad_norm = common.optimizer_step(run)
 
-        step_tokens = common.global_sum(sum(  # each distinct prompt once
-            int(batch["prompt_mask"].sum() + batch["completion_mask"].sum()) for batch in packed))
-        loss_sum, clipped, kl_sum = (common.global_sum(value) for value in (loss_sum, clipped, kl_sum))
-        state["train_tokens"] += step_tokens * args.num_iterations
-        state["wall_seconds"] = wall_before + time.time() - loop_start
-        metrics = {
-            "step": step, **mixing, "reward": common.global_mean(rewards.mean().item()),
+        train_tokens = sum(int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
+                           for batch in packed) * args.num_iterations  # each distinct prompt once
+        scored_tokens = max(1, num_tokens * args.num_iterations)
+        common.end_step(run, {
+            **mixing, "reward": common.global_mean(rewards.mean().item()),
             "zero_std_fraction": common.global_mean(zero_std.float().mean().item()),
             "completion_length": common.global_mean(
                 rollouts["completion_mask"].sum(1).float().mean().item()),
-            "clip_fraction": clipped / max(1, num_tokens * args.num_iterations),
-            "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-            "generated_tokens": state["generated_tokens"],
-            "tokens_per_second": round((common.global_sum(rollouts["num_generated_tokens"])
-                                        + step_tokens) / (time.time() - step_start)),
-        }
-        if args.beta > 0:
-            metrics["kl"] = kl_sum / max(1, num_tokens * args.num_iterations)
-        end_step(metrics)
-    common.finish_run(args, model, tokenizer, optimizer, scheduler, step, state,
-                      eval_examples)
+            "clip_fraction": common.global_sum(clipped) / scored_tokens,
+            **({"kl": common.global_sum(kl_sum) / scored_tokens} if args.beta > 0 else {}),
+            "loss": common.global_sum(loss_sum), "grad_norm": grad_norm}, train_tokens + sft_tokens)
+    common.finish_run(run)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ class LoRALinear(nn.Module):
         self.dora = dora
         if dora:  # DoRA's magnitude m: [out], the norm of each row of W (PEFT's name)
             self.lora_magnitude_vector = nn.Parameter(base_layer.weight.detach().float().norm(dim=1))
-        self.merged = False
         self.disabled = False
         self.cached_scale = None  # (versions of W, A, B and m, dora_scale()) for decoding
 
@@ -69,7 +68,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base_layer(x)
-        if self.disabled or self.merged:
+        if self.disabled:
             return y
         dropped = self.dropout(x.to(self.lora_A.weight.dtype))
         update = self.scaling * self.lora_B(self.lora_A(dropped))
@@ -106,38 +105,10 @@ def apply_lora(model, r=64, alpha=128, dropout=0.0, targets=DEFAULT_TARGETS, dor
     return model
 
 
-@torch.no_grad()
-def merge_lora(model):
-    """W <- W + (alpha/r) B A in every layer (DoRA: W <- W'), for fast inference or export. Undo
-    with unmerge_lora.
-
-    In bf16 the round trip is lossy, so training keeps LoRA unmerged and never merges per step.
-    """
-    for layer in lora_layers(model):
-        if not layer.merged:
-            weight = layer.base_layer.weight
-            if layer.dora:  # W' = scale (W + s B A); unmerging needs this step's scale
-                layer.merged_scale = layer.dora_scale()
-            weight.copy_(layer.adapted_weight().to(weight.dtype))
-            layer.merged = True
-
-
-@torch.no_grad()
-def unmerge_lora(model):
-    for layer in lora_layers(model):
-        if layer.merged:
-            weight = layer.base_layer.weight
-            merged = weight.float() / layer.merged_scale[:, None] if layer.dora else weight.float()
-            weight.copy_((merged - layer.delta_weight()).to(weight.dtype))
-            layer.merged = False
-
-
 @contextmanager
 def lora_disabled(model):
     """The base model, without a second copy: the GRPO reference and the OPSD fixed teacher."""
     layers = lora_layers(model)
-    if any(layer.merged for layer in layers):
-        raise RuntimeError("unmerge LoRA before disabling it")
     for layer in layers:
         layer.disabled = True
     try:
@@ -188,7 +159,7 @@ def save_merged(model, tokenizer, folder):
         if ".lora_" not in name:
             state[name.replace(".base_layer.", ".")] = tensor
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear) and not module.merged:
+        if isinstance(module, LoRALinear):
             weight = module.base_layer.weight
             state[f"{name}.weight"] = module.adapted_weight().detach().to(weight.dtype)
     model.save_pretrained(folder, state_dict=state)

@@ -30,13 +30,13 @@ consolidate on them).
 """
 import argparse
 import math
-import time
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 import common
+import engine
 from lora import lora_disabled
 
 # Only for the built-in 1M-parameter toy model, and only for flags not given on the command line.
@@ -152,39 +152,31 @@ def paced_weights(correct, group_size, alpha=1.0, beta=1.0):
     return (pass_rate ** alpha * (1 - pass_rate) ** beta).repeat_interleave(group_size)
 
 
-def divergence(student_hidden, teacher_hidden, token_weights, student_output, teacher_output,
-               student_parameters, beta=0.0, temperature=1.0, clip=0.0, chunk_size=128):
+def divergence(student, student_hidden, teacher, teacher_hidden, token_weights, beta=0.0,
+               temperature=1.0, clip=0.0, chunk_size=128):
     """Token mean over the completion of the full-vocabulary divergence D(P_T || P_S) (OPSD eq. for
     the full-distribution objective, arXiv 2601.18734; generalized JSD of GKD, arXiv 2306.13649):
 
-        L = (1 / sum_t m_t) sum_t m_t D( softmax(W_T h^T_t / T), softmax(W_S h^S_t / T) )
+        L = (1 / sum_t m_t) sum_t m_t D( softmax(z^T_t / T), softmax(z^S_t / T) )
 
-    student_hidden, teacher_hidden: [N, T, H] final hidden states (`common.completion_hidden`), aligned so
-    position t predicts completion token t; token_weights m: [N, T], 1 on completion tokens (EOS
-    included) and 0 elsewhere, or with --paced the row's `paced_weights` (a weighted mean).
-    student_output, teacher_output: their output layers, hidden -> logits (`common.output_logits`;
-    the identity if the inputs are logits already); student_parameters: the parameters of
-    student_output, which get their gradient if they train. See `pointwise_divergence` for the formulas and
-    which direction is "forward". Gradients flow into the student only.
-
-    Memory: logits exist only for `chunk_size` completion positions at a time, student and teacher
-    together (`common.chunked`, the fused linear JSD of Liger-Kernel): never [N, T, V], which with
-    Qwen3's V = 151,936 is 620 MB per 1024 positions in float32.
+    z^S_t, z^T_t: the student's and the teacher's logits at completion position t, from their final
+    hidden states student_hidden, teacher_hidden [N, T, H] (`engine.completion_hidden`; position t
+    predicts completion token t) through the output layers of the models `student` and `teacher`.
+    token_weights m: [N, T], 1 on completion tokens (EOS included) and 0 elsewhere, or with --paced
+    the row's `paced_weights` (a weighted mean). D is `pointwise_divergence` (the formulas, and
+    which direction is "forward"). Gradients flow into the student only. The logits exist a chunk
+    of positions at a time (`engine.compare_logits_in_chunks`), never as [N, T, V].
 
     The clip, and why it can hurt: a capped entry j has zero gradient of its own, but through the
     softmax the uncapped entries still push on z_j with d/dz_j = p_S(j) * P_T(uncapped) > 0, i.e.
     the student's logit of a token the teacher strongly prefers goes *down*. On real LLMs few
     entries exceed 0.05; on the toy, whose teacher and student disagree sharply on digits, many do.
     """
-    def chunk_divergence(student_chunk, teacher_chunk):  # [c, H] each -> [c]
-        with torch.no_grad():
-            teacher_logits = teacher_output(teacher_chunk)  # a target, never trained
-        return pointwise_divergence(student_output(student_chunk), teacher_logits, beta,
-                                    temperature, clip)
     mask = token_weights > 0
-    per_position = common.chunked(chunk_divergence,
-                                  [student_hidden[mask], teacher_hidden[mask].detach()],
-                                  chunk_size, student_parameters)
+    per_position = engine.compare_logits_in_chunks(  # [n]: D at each weighted position
+        lambda student_logits, teacher_logits: pointwise_divergence(
+            student_logits, teacher_logits, beta, temperature, clip),
+        student, student_hidden[mask], teacher, teacher_hidden[mask], chunk_size)
     weights = token_weights[mask].float()
     return (per_position * weights).sum() / weights.sum().clamp(min=1e-8)
 
@@ -203,107 +195,96 @@ def sampled_token_loss(student_logprobs, teacher_logprobs, weights):
     return -(advantages * student_logprobs * weights).sum() / weights.sum().clamp(min=1e-8)
 
 
+def divergence_beta(args, step):
+    """The generalized JSD's beta at a step: --jsd-beta, or with --forward-then-reverse PACED's two
+    stages (arXiv 2603.11178): the forward KL (0) for the first half of the steps, the reverse KL
+    (1) for the second, to cover the teacher's modes first and consolidate on them after."""
+    if args.forward_then_reverse:
+        return 1.0 if step >= args.steps // 2 else 0.0
+    return args.jsd_beta
+
+
+def fixed_teacher(args, model):
+    """The fixed teacher, the initial model: (teacher, context to score it in). With LoRA the
+    student itself with LoRA switched off (no second copy); with --full a frozen copy loaded from
+    --model again (not the resumed weights); with --teacher current the student as it is."""
+    if args.teacher == "current":
+        return model, nullcontext
+    if not args.full:
+        return model, lora_disabled
+    teacher, _ = common.load_model(args.model, args.dtype)
+    return teacher.requires_grad_(False), nullcontext
+
+
 def main(argv=None):
     args = parse_args(argv)
-    model, tokenizer, train_examples, eval_examples, optimizer, scheduler, step, state = \
-        common.start_run(args)
-    metrics_file = common.open_metrics(args.out, step)
-    device = common.device_of(model)
-    # The fixed teacher is the initial model: LoRA switched off, or with --full a frozen copy
-    # loaded from --model again (not the resumed weights).
-    if args.teacher == "fixed" and args.full:
-        teacher, _ = common.load_model(args.model, args.dtype)
-        teacher.requires_grad_(False)
-    else:
-        teacher = model
-    teacher_context = lora_disabled if (args.teacher == "fixed" and not args.full) else nullcontext
-    model.train()
-    loop_start, first_step, wall_before = time.time(), step, state["wall_seconds"]
-    while step < args.steps:
-        step_start = time.time()
-        examples = common.next_batch(train_examples, args, state)
+    run = common.start_run(args)
+    model, tokenizer, group_size = run.model, run.tokenizer, args.num_generations
+    teacher, teacher_context = fixed_teacher(args, model)
+    while run.step < args.steps:
+        examples = common.next_batch(run)
 
         # 1. The student samples its own completions from the problem alone.
-        rollouts = common.sample_rollouts(model, tokenizer, examples, args, state)
+        rollouts = common.sample_rollouts(run, examples, group_size)
 
         # 2. The teacher's prompt shows the reference solution; the completion tokens are the same.
-        student_prompts = common.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
-        completions = common.unpadded(rollouts["completion_ids"], rollouts["completion_mask"])
-        num_rows = len(completions)
+        student_prompts = engine.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
+        completions = engine.unpadded(rollouts["completion_ids"], rollouts["completion_mask"])
         teacher_texts = [common.chat_prompt(tokenizer, teacher_prompt(e["question"], e["solution"]))
                          for e in examples]
         teacher_ids = tokenizer(teacher_texts, add_special_tokens=False)["input_ids"]
-        teacher_prompts = [teacher_ids[i // args.num_generations] for i in range(num_rows)]
+        teacher_prompts = [teacher_ids[i // group_size] for i in range(len(completions))]
 
-        # PACED: each rollout weighted by its problem's pass rate; rows of weight 0 not trained.
-        row_weights = torch.ones(num_rows)  # [N]
-        if args.paced:
-            correct = torch.tensor([common.is_correct(text, examples[i // args.num_generations]
-                                                      ["answer"])
-                                    for i, text in enumerate(rollouts["texts"])])  # [N]
-            row_weights = paced_weights(correct, args.num_generations, args.paced_alpha,
-                                        args.paced_beta)
+        row_weights, metrics = torch.ones(len(completions)), {}  # [N]
+        if args.paced:  # PACED: each rollout weighted by its problem's pass rate
+            correct = common.judge(rollouts["texts"], examples, group_size)  # [N]
+            row_weights = paced_weights(correct, group_size, args.paced_alpha, args.paced_beta)
+            metrics = {"pass_rate": common.global_mean(correct.float().mean().item()),
+                       "paced_weight": common.global_mean(row_weights.mean().item())}
         # The step's completion tokens, each counted with its weight, on all ranks: the normaliser.
         num_tokens = common.global_sum(float(row_weights @ rollouts["completion_mask"].sum(1).float()))
-        beta = (1.0 if args.forward_then_reverse and step >= args.steps // 2  # PACED's 2nd stage
-                else args.jsd_beta)
-        trained_rows = row_weights.nonzero().flatten().tolist()
-        loss_sum, step_tokens = 0.0, 0
+        beta = divergence_beta(args, run.step)
+        trained_rows = row_weights.nonzero().flatten().tolist()  # rows of weight 0: not trained
+        loss_sum, train_tokens = 0.0, 0
         for first in range(0, len(trained_rows), args.micro_batch_size):
             rows = trained_rows[first:first + args.micro_batch_size]
-            student_batch = common.pack([student_prompts[i] for i in rows],
-                                        [completions[i] for i in rows], tokenizer.pad_token_id, device)
-            teacher_batch = common.pack([teacher_prompts[i] for i in rows],
-                                        [completions[i] for i in rows], tokenizer.pad_token_id, device)
+            student_batch = engine.pack([student_prompts[i] for i in rows],
+                                        [completions[i] for i in rows], tokenizer.pad_token_id,
+                                        model.device)
+            teacher_batch = engine.pack([teacher_prompts[i] for i in rows],
+                                        [completions[i] for i in rows], tokenizer.pad_token_id,
+                                        model.device)
             with torch.no_grad(), teacher_context(teacher):  # 3. teacher: no gradient, ever
-                teacher_hidden = common.completion_hidden(teacher, teacher_batch)  # [B, T, H]
-            student_hidden = common.completion_hidden(model, student_batch)  # [B, T, H]
-            completion_ids, completion_mask = (student_batch["completion_ids"],
-                                               student_batch["completion_mask"])
-            token_weights = row_weights[rows].to(device)[:, None] * completion_mask  # [B, T]
+                teacher_hidden = engine.completion_hidden(teacher, teacher_batch)  # [B, T, H]
+            student_hidden = engine.completion_hidden(model, student_batch)  # [B, T, H]
+            completion_mask = student_batch["completion_mask"]  # [B, T]
+            token_weights = row_weights[rows].to(model.device)[:, None] * completion_mask  # [B, T]
             # 4. The loss on this micro-batch is a (weighted) token mean; weight it by its share of
             # the step's tokens so the step's loss is the token mean over all of them.
             if args.loss == "full":
-                loss = divergence(student_hidden, teacher_hidden, token_weights,
-                                  lambda hidden: common.output_logits(model, hidden),
-                                  lambda hidden: common.output_logits(teacher, hidden),
-                                  list(model.get_output_embeddings().parameters()),
+                loss = divergence(model, student_hidden, teacher, teacher_hidden, token_weights,
                                   beta, args.temperature, args.clip, args.chunk_size)
             else:
-                mask, targets = completion_mask.bool(), completion_ids[completion_mask.bool()]
+                mask = completion_mask.bool()
+                targets = student_batch["completion_ids"][mask]
                 with torch.no_grad():
-                    teacher_logprobs = common.target_logprobs(
+                    teacher_logprobs = engine.target_logprobs(
                         teacher, teacher_hidden[mask], targets, args.temperature, args.chunk_size)
-                loss = sampled_token_loss(common.target_logprobs(
-                    model, student_hidden[mask], targets, args.temperature, args.chunk_size),
-                    teacher_logprobs, token_weights[mask])
+                student_logprobs = engine.target_logprobs(
+                    model, student_hidden[mask], targets, args.temperature, args.chunk_size)
+                loss = sampled_token_loss(student_logprobs, teacher_logprobs, token_weights[mask])
             weight = float(token_weights.sum()) / num_tokens
             (loss * weight).backward()
             loss_sum += loss.item() * weight
-            step_tokens += sum(int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
-                               for batch in (student_batch, teacher_batch))
-        grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
-        step += 1
-
-        loss_sum, step_tokens = common.global_sum(loss_sum), common.global_sum(step_tokens)
-        state["train_tokens"] += step_tokens
-        state["wall_seconds"] = wall_before + time.time() - loop_start
-        paced = ({"pass_rate": common.global_mean(correct.float().mean().item()),
-                  "paced_weight": common.global_mean(row_weights.mean().item())}
-                 if args.paced else {})
-        common.log_step(metrics_file, {
-            "step": step, "loss": loss_sum, **paced,
+            train_tokens += sum(int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
+                                for batch in (student_batch, teacher_batch))
+        grad_norm = common.optimizer_step(run)
+        common.end_step(run, {
+            "loss": common.global_sum(loss_sum), **metrics,
             "completion_length": common.global_mean(
                 rollouts["completion_mask"].sum(1).float().mean().item()),
-            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-            "generated_tokens": state["generated_tokens"],
-            "tokens_per_second": round((common.global_sum(rollouts["num_generated_tokens"])
-                                        + step_tokens) / (time.time() - step_start)),
-            **common.periodic_evaluation(args, step, model, tokenizer, eval_examples, state),
-        }, args.steps, (time.time() - loop_start) / (step - first_step))
-        common.save_every(args, step, model, tokenizer, optimizer, scheduler, state)
-    common.finish_run(args, model, tokenizer, optimizer, scheduler, step, state,
-                      eval_examples)
+            "grad_norm": grad_norm}, train_tokens)
+    common.finish_run(run)
 
 
 if __name__ == "__main__":

@@ -33,12 +33,12 @@ all right (or all wrong), and the correct samples beyond its wrong ones, are not
     python sft.py --model Qwen/Qwen3-1.7B --data train.jsonl
 """
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
 import common
+import engine
 
 # Only for the built-in 1M-parameter toy model, and only for flags not given on the command line.
 TOY_SETTINGS = {"steps": 150, "batch_size": 32, "lr": 5e-4, "lora_r": 16, "lora_alpha": 32,
@@ -67,7 +67,6 @@ def parse_args(argv=None):
     args.method = "orpo" if args.orpo_lambda else "rft" if args.rejection_sampling else "sft"
     args.out = args.out or f"out/{args.method}"
     args.micro_batch_size = args.micro_batch_size or args.batch_size * max(1, args.rejection_sampling)
-    args.num_generations = args.rejection_sampling  # what common.sample_rollouts draws
     return args
 
 
@@ -120,7 +119,7 @@ def encode(tokenizer, example, max_new_tokens):
     return prompt_ids, completion_ids[:max_new_tokens]
 
 
-def judged_samples(model, tokenizer, examples, args, state):
+def judged_samples(run, examples):
     """Rejection sampling: K completions per question from the current model, judged by their
     final answers. Each distinct completion of a question counts once.
 
@@ -129,94 +128,103 @@ def judged_samples(model, tokenizer, examples, args, state):
     as rows (prompt ids, completion ids) like `encode`'s, with the sampled token ids themselves (no
     re-tokenisation of the text); num_correct counts every correct sample.
     """
-    rollouts = common.sample_rollouts(model, tokenizer, examples, args, state)
-    prompts = common.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
-    completions = common.unpadded(rollouts["completion_ids"], rollouts["completion_mask"])
+    samples_per_question = run.args.rejection_sampling
+    rollouts = common.sample_rollouts(run, examples, samples_per_question)
+    is_correct = common.judge(rollouts["texts"], examples, samples_per_question).tolist()  # [N]
+    prompts = engine.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
+    completions = engine.unpadded(rollouts["completion_ids"], rollouts["completion_mask"])
     correct, wrong = [[] for _ in examples], [[] for _ in examples]
-    seen, num_correct = set(), 0
+    seen = set()
     for i, text in enumerate(rollouts["texts"]):
-        question = i // args.rejection_sampling
-        is_correct = common.is_correct(text, examples[question]["answer"])
-        num_correct += is_correct
-        if (question, text) in seen or (is_correct and not rollouts["finished"][i]):
+        question = i // samples_per_question
+        if (question, text) in seen or (is_correct[i] and not rollouts["finished"][i]):
             continue
         seen.add((question, text))
-        (correct if is_correct else wrong)[question].append((prompts[i], completions[i]))
-    return correct, wrong, num_correct
+        (correct if is_correct[i] else wrong)[question].append((prompts[i], completions[i]))
+    return correct, wrong, sum(is_correct)
+
+
+def rejection_sampled_rows(run, examples):
+    """RFT's rows: the correct samples of each question (`judged_samples`); with --orpo-lambda
+    ORPO's: each correct sample with a wrong one of its question, the two rows adjacent.
+    Returns (rows, metrics for the log)."""
+    correct, wrong, num_correct = judged_samples(run, examples)
+    if run.args.orpo_lambda:
+        rows = [row for question_correct, question_wrong in zip(correct, wrong)
+                for pair in zip(question_correct, question_wrong) for row in pair]
+    else:
+        rows = [row for question_correct in correct for row in question_correct]
+    return rows, {"correct_fraction": common.global_mean(
+                      num_correct / (len(examples) * run.args.rejection_sampling)),
+                  "kept": common.global_sum(len(rows))}  # distinct samples trained on
+
+
+def reference_rows(run, examples):
+    """SFT's rows: each problem's prompt and reference solution (`encode`). Says once a run how
+    many solutions were cut at --max-new-tokens, and counts them all in state["cut_solutions"]."""
+    tokenizer, max_new_tokens, state = run.tokenizer, run.args.max_new_tokens, run.state
+    rows = [encode(tokenizer, example, max_new_tokens) for example in examples]
+    num_cut = common.global_sum(sum(completion[-1] != tokenizer.eos_token_id
+                                    for _, completion in rows))  # of all ranks
+    if num_cut and not state.get("cut_solutions"):  # said once a run
+        print(f"note: {num_cut} of {common.global_sum(len(rows))} solutions of step "
+              f"{run.step + 1} do not fit in --max-new-tokens {max_new_tokens} with their "
+              "EOS: cut there and trained without EOS (summary.json counts them all)")
+    state["cut_solutions"] = state.get("cut_solutions", 0) + num_cut
+    return rows
+
+
+def sft_gradient(model, pad_id, rows, micro_batch_size, chunk_size, orpo_lambda=0.0):
+    """The step's loss over `rows` (prompt ids, completion ids), backward a micro-batch at a time:
+    `sft_loss`, or with orpo_lambda > 0 `orpo_loss` on rows that alternate chosen, rejected (a
+    micro-batch holds whole pairs). The normalisers count the whole step on all ranks, so the
+    gradients add up to the step's. Under torch.no_grad() it only measures the loss.
+    Returns (the loss, summed over ranks; this rank's training tokens; the pairs' log odds ratios).
+    """
+    if orpo_lambda:
+        micro_batch_size = max(2, micro_batch_size // 2 * 2)  # whole pairs
+    else:  # similar lengths share micro-batches (ORPO's pairs stay in order)
+        rows = sorted(rows, key=lambda row: len(row[0]) + len(row[1]))
+    chosen = rows[0::2] if orpo_lambda else rows
+    num_target_tokens = common.global_sum(sum(len(completion) for _, completion in chosen))
+    num_pairs = common.global_sum(len(rows) // 2)
+    loss_sum, train_tokens, log_odds_ratios = 0.0, 0, []
+    for first in range(0, len(rows), micro_batch_size):
+        micro = rows[first:first + micro_batch_size]
+        batch = engine.pack([p for p, _ in micro], [c for _, c in micro], pad_id, model.device)
+        logprobs = engine.token_logprobs(model, batch, chunk_size=chunk_size)  # [B, T]
+        mask = batch["completion_mask"]
+        if orpo_lambda:
+            loss, ratios = orpo_loss(logprobs[0::2], mask[0::2], logprobs[1::2], mask[1::2],
+                                     num_target_tokens, num_pairs, orpo_lambda)
+            log_odds_ratios += ratios.tolist()
+        else:
+            loss = sft_loss(logprobs, mask, num_target_tokens)
+        if torch.is_grad_enabled():
+            loss.backward()  # gradients add up over micro-batches into the step's token mean
+        loss_sum += loss.item()
+        train_tokens += int(batch["prompt_mask"].sum() + mask.sum())
+    return common.global_sum(loss_sum), train_tokens, log_odds_ratios
 
 
 def main(argv=None):
     args = parse_args(argv)
-    model, tokenizer, train_examples, eval_examples, optimizer, scheduler, step, state = \
-        common.start_run(args)
-    metrics_file = common.open_metrics(args.out, step)
-    device = common.device_of(model)
-    model.train()
-    loop_start, first_step, wall_before = time.time(), step, state["wall_seconds"]
-    while step < args.steps:
-        step_start = time.time()
-        examples = common.next_batch(train_examples, args, state)
-        if args.rejection_sampling:
-            correct, wrong, num_correct = judged_samples(model, tokenizer, examples, args, state)
-            if args.orpo_lambda:  # each correct sample with a wrong one of its question: adjacent
-                rows = [row for question_correct, question_wrong in zip(correct, wrong)
-                        for pair in zip(question_correct, question_wrong) for row in pair]
-            else:
-                rows = [row for question_correct in correct for row in question_correct]
-            sampling = {"correct_fraction": common.global_mean(
-                            num_correct / (len(examples) * args.rejection_sampling)),
-                        "kept": common.global_sum(len(rows))}  # distinct samples trained on
+    run = common.start_run(args)
+    while run.step < args.steps:
+        examples = common.next_batch(run)
+        if args.rejection_sampling:  # RFT (ORPO): the model's own samples, judged by their answers
+            rows, metrics = rejection_sampled_rows(run, examples)
         else:
-            rows = [encode(tokenizer, example, args.max_new_tokens) for example in examples]
-            sampling = {}
-            num_cut = common.global_sum(sum(completion[-1] != tokenizer.eos_token_id
-                                            for _, completion in rows))  # of all ranks
-            if num_cut and not state.get("cut_solutions"):  # said once a run
-                print(f"note: {num_cut} of {common.global_sum(len(rows))} solutions of step "
-                      f"{step + 1} do not fit in --max-new-tokens {args.max_new_tokens} with their "
-                      "EOS: cut there and trained without EOS (summary.json counts them all)")
-            state["cut_solutions"] = state.get("cut_solutions", 0) + num_cut
-        if not args.orpo_lambda:  # (ORPO keeps each pair's two rows together, in one micro-batch)
-            rows.sort(key=lambda row: len(row[0]) + len(row[1]))  # similar lengths share micro-batches
-        # The step's targets on all ranks (under torchrun): the loss is the mean over all of them.
-        chosen = rows[0::2] if args.orpo_lambda else rows  # ORPO: rows alternate chosen, rejected
-        num_target_tokens = common.global_sum(sum(len(completion) for _, completion in chosen))
-        num_pairs = common.global_sum(len(rows) // 2)
-        micro_batch_size = max(2, args.micro_batch_size // 2 * 2) if args.orpo_lambda \
-            else args.micro_batch_size  # ORPO: whole pairs
-        loss_sum, step_tokens, log_odds_ratios = 0.0, 0, []
-        for first in range(0, len(rows), micro_batch_size):
-            micro = rows[first:first + micro_batch_size]
-            batch = common.pack([p for p, _ in micro], [c for _, c in micro],
-                                tokenizer.pad_token_id, device)
-            logprobs = common.token_logprobs(model, batch, chunk_size=args.chunk_size)  # [B, T]
-            mask = batch["completion_mask"]
-            if args.orpo_lambda:
-                loss, ratios = orpo_loss(logprobs[0::2], mask[0::2], logprobs[1::2], mask[1::2],
-                                         num_target_tokens, num_pairs, args.orpo_lambda)
-                log_odds_ratios += ratios.tolist()
-            else:
-                loss = sft_loss(logprobs, mask, num_target_tokens)
-            loss.backward()  # gradients add up over micro-batches into the step's token mean
-            loss_sum += loss.item()
-            step_tokens += int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
-        grad_norm = common.optimizer_step(model, optimizer, scheduler, args.max_grad_norm)
-        step += 1
-
-        loss_sum, step_tokens = common.global_sum(loss_sum), common.global_sum(step_tokens)
-        state["train_tokens"] += step_tokens
-        state["wall_seconds"] = wall_before + time.time() - loop_start
+            rows, metrics = reference_rows(run, examples), {}
+        loss, train_tokens, log_odds_ratios = sft_gradient(
+            run.model, run.tokenizer.pad_token_id, rows, args.micro_batch_size, args.chunk_size,
+            args.orpo_lambda)
+        grad_norm = common.optimizer_step(run)
         if args.orpo_lambda:  # above 0: the chosen samples are the likelier ones, in odds
-            sampling["log_odds_ratio"] = common.global_mean(
+            metrics["log_odds_ratio"] = common.global_mean(
                 sum(log_odds_ratios) / max(1, len(log_odds_ratios)))
-        common.log_step(metrics_file, {
-            "step": step, **sampling, "loss": loss_sum, "lr": scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm, "generated_tokens": state["generated_tokens"],
-            "tokens_per_second": round(step_tokens / (time.time() - step_start)),
-            **common.periodic_evaluation(args, step, model, tokenizer, eval_examples, state),
-        }, args.steps, (time.time() - loop_start) / (step - first_step))
-        common.save_every(args, step, model, tokenizer, optimizer, scheduler, state)
-    common.finish_run(args, model, tokenizer, optimizer, scheduler, step, state, eval_examples)
+        common.end_step(run, {**metrics, "loss": loss, "grad_norm": grad_norm}, train_tokens)
+    common.finish_run(run, cut_solutions=run.state.get("cut_solutions"))
 
 
 if __name__ == "__main__":

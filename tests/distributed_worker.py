@@ -21,13 +21,13 @@ import common  # noqa: E402
 sample_rollouts = common.sample_rollouts
 
 
-def seeded_rollouts(model, tokenizer, examples, args, state):
+def seeded_rollouts(run, examples, num_samples):
     """common.sample_rollouts, one question at a time, each from the seed of its question text."""
     parts = []
     for example in examples:
         torch.manual_seed(zlib.crc32(example["question"].encode()))
-        parts.append(sample_rollouts(model, tokenizer, [example], args, state))
-    pad = tokenizer.pad_token_id
+        parts.append(sample_rollouts(run, [example], num_samples))
+    pad = run.tokenizer.pad_token_id
     prompt_width = max(part["prompt_ids"].shape[1] for part in parts)
     completion_width = max(part["completion_ids"].shape[1] for part in parts)
 

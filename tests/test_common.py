@@ -45,14 +45,17 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, toy_model, monkeypa
     apply_lora(model, 4, 8)
     optimizer = common.make_optimizer(model, 1e-3, 0.0)
     scheduler = common.make_scheduler(optimizer, 0, 10)
-    args = argparse.Namespace(full=False, model="toy", keep_checkpoints=1)
-    common.save_checkpoint(tmp_path, 2, model, tokenizer, optimizer, scheduler, {"data_position": 4}, args)
+    args = argparse.Namespace(full=False, model="toy", keep_checkpoints=1, out=str(tmp_path))
+    run = common.Run(args, model, tokenizer, [], [], optimizer, scheduler, step=2,
+                     state={"data_position": 4})
+    common.save_checkpoint(run)
 
     def disk_full(*_, **__):
         raise OSError("No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError):
-        common.save_checkpoint(tmp_path, 4, model, tokenizer, optimizer, scheduler, {}, args)
+        run.step, run.state = 4, {}
+        common.save_checkpoint(run)
     latest = common.latest_checkpoint(tmp_path)
     assert latest.name == "checkpoint-000002"  # the half-written step 4 is not taken for a checkpoint
     assert json.loads((latest / "state.json").read_text()) == {"step": 2, "data_position": 4}
@@ -79,8 +82,9 @@ def test_eval_split_is_held_out(tmp_path):
                                                     (str(eval_file), {f"q{i}" for i in range(7)})]):
         args = sft.parse_args(["--steps", "1", "--eval-n", "1000", "--out", str(tmp_path / str(number))]
                               + (["--eval-data", eval_data] if eval_data else []))
-        _, _, _, eval_examples, *_ = common.start_run(args)
-        assert {e["question"] for e in eval_examples} == expected
+        run = common.start_run(args)
+        run.metrics_file.close()
+        assert {e["question"] for e in run.eval_examples} == expected
 
 
 def test_full_fine_tuning_in_bfloat16_loses_no_update():
@@ -91,7 +95,7 @@ def test_full_fine_tuning_in_bfloat16_loses_no_update():
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = common.make_optimizer(model, lr=5e-6, weight_decay=0.0)
     input_ids = tokenizer(["Tom has 3 pens. Tom buys 4 more.\n3+4=7"],
-                          return_tensors="pt")["input_ids"].to(common.device_of(model))
+                          return_tensors="pt")["input_ids"].to(model.device)
     for _ in range(3):
         logits = model(input_ids=input_ids).logits
         assert logits.dtype == torch.bfloat16  # the matrix products ran in bfloat16

@@ -1,4 +1,4 @@
-"""Every loss computed from hidden states a chunk at a time (common.chunked) equals the unfused
+"""Every loss computed from hidden states a chunk at a time (engine.chunked_output_layer) equals the unfused
 computation on the model's own full logits, in value and in gradient: SFT, GRPO, OPSD's divergence
 and its sampled-token loss; with LoRA and without, tied and untied output layers, and what Gemma 2,
 Granite and Cohere do to their final logits."""
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM,
                           GraniteConfig, GraniteForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-import common
+import engine
 import grpo
 import opsd
 import sft
@@ -42,11 +42,11 @@ def tiny_model(kind, lora):
 
 def rows():
     """Two rows of [prompt | completion], prompts and completions of different lengths: the
-    token-id lists and their batch (common.pack)."""
+    token-id lists and their batch (engine.pack)."""
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(1, V, (2, 9), generator=generator).tolist()
     prompts, completions = [ids[0][:3], ids[1][:4]], [ids[0][3:], ids[1][4:6]]
-    return prompts, completions, common.pack(prompts, completions, pad_id=0, device="cpu")
+    return prompts, completions, engine.pack(prompts, completions, pad_id=0, device="cpu")
 
 
 def unfused_logits(model, prompts, completions):
@@ -61,7 +61,7 @@ def unfused_logits(model, prompts, completions):
 def unfused_logprobs(model, prompts, completions, temperature):
     """log-softmax of the full logits, gathered at the completion tokens: [N, T]."""
     logits = unfused_logits(model, prompts, completions)
-    targets = common.pack(prompts, completions, pad_id=0, device="cpu")["completion_ids"]
+    targets = engine.pack(prompts, completions, pad_id=0, device="cpu")["completion_ids"]
     return (logits.float() / temperature).log_softmax(-1).gather(-1, targets[..., None])[..., 0]
 
 
@@ -90,7 +90,7 @@ def test_sft_and_grpo_losses_equal_the_unfused_ones(kind, lora):
     temperature, num_targets = 0.7, int(completion_mask.sum())
 
     def fused(temperature):
-        return common.token_logprobs(model, batch, temperature, chunk_size=3)  # chunks cut rows
+        return engine.token_logprobs(model, batch, temperature, chunk_size=3)  # chunks cut rows
 
     def unfused(temperature):
         return unfused_logprobs(model, prompts, completions, temperature) * completion_mask
@@ -116,19 +116,16 @@ def test_opsd_divergence_equals_the_unfused_one(kind, lora, beta, clip):
     teacher_context = lora_disabled if lora else (lambda _: torch.no_grad())
     prompts, completions, student_batch = rows()
     teacher_prompts = [prompt[::-1] + [7] for prompt in prompts]  # another prompt, same completions
-    teacher_batch = common.pack(teacher_prompts, completions, pad_id=0, device="cpu")
+    teacher_batch = engine.pack(teacher_prompts, completions, pad_id=0, device="cpu")
     completion_mask = student_batch["completion_mask"]
     temperature = 1.1
 
     def fused():
         with torch.no_grad(), teacher_context(teacher):
-            teacher_hidden = common.completion_hidden(teacher, teacher_batch)
-        return opsd.divergence(common.completion_hidden(model, student_batch), teacher_hidden,
-                               completion_mask,
-                               lambda hidden: common.output_logits(model, hidden),
-                               lambda hidden: common.output_logits(teacher, hidden),
-                               list(model.get_output_embeddings().parameters()),
-                               beta, temperature, clip, chunk_size=2)
+            teacher_hidden = engine.completion_hidden(teacher, teacher_batch)
+        return opsd.divergence(model, engine.completion_hidden(model, student_batch), teacher,
+                               teacher_hidden, completion_mask, beta, temperature, clip,
+                               chunk_size=2)
 
     def unfused():
         with torch.no_grad(), teacher_context(teacher):
@@ -149,9 +146,9 @@ def test_opsd_sampled_token_loss_equals_the_unfused_one(kind, lora):
     teacher_logprobs = -torch.rand(len(targets))
 
     def fused():
-        hidden = common.completion_hidden(model, batch)[mask]
+        hidden = engine.completion_hidden(model, batch)[mask]
         return opsd.sampled_token_loss(
-            common.target_logprobs(model, hidden, targets, 1.1, chunk_size=2), teacher_logprobs,
+            engine.target_logprobs(model, hidden, targets, 1.1, chunk_size=2), teacher_logprobs,
             torch.ones(len(targets)))
 
     def unfused():
@@ -171,7 +168,7 @@ def test_the_output_layer_sees_only_completion_positions_a_chunk_at_a_time(lora,
     widths = []
     head = model.get_output_embeddings()
     head.register_forward_hook(lambda module, inputs, output: widths.append(inputs[0].shape[:-1]))
-    logprobs = common.token_logprobs(model, batch, chunk_size=3)
+    logprobs = engine.token_logprobs(model, batch, chunk_size=3)
     logprobs.sum().backward()
     assert all(len(shape) == 1 and shape[0] <= 3 for shape in widths)
     assert sum(shape[0] for shape in widths) == passes * int(batch["completion_mask"].sum())
@@ -188,7 +185,7 @@ def test_chunked_gradients_equal_autograd_for_rows_of_any_shape(shape):
     def per_row(rows):  # [c, ...] -> [c]
         return (rows.reshape(rows.shape[0], -1) ** 3).sum(-1).sin()
 
-    (common.chunked(per_row, [x], 3, []) * upstream).sum().backward()
+    (engine.chunked_output_layer(per_row, [x], 3, []) * upstream).sum().backward()
     fused, x.grad = x.grad, None
     (per_row(x) * upstream).sum().backward()
     assert torch.allclose(fused, x.grad, atol=1e-6)

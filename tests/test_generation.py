@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import common
+import engine
 from lora import apply_lora
 
 
@@ -11,9 +12,9 @@ def test_batched_greedy_equals_one_prompt_at_a_time(toy):
     examples = common.load_examples("toy", "test")[:6]
     prompts = [common.chat_prompt(tokenizer, common.student_prompt(e["question"])) for e in examples]
     assert len({len(p) for p in prompts}) > 1
-    batched = common.generate(model, tokenizer, prompts, max_new_tokens=40)
+    batched = engine.generate(model, tokenizer, prompts, max_new_tokens=40)
     for i, prompt in enumerate(prompts):
-        alone = common.generate(model, tokenizer, [prompt], max_new_tokens=40)
+        alone = engine.generate(model, tokenizer, [prompt], max_new_tokens=40)
         assert alone["texts"][0] == batched["texts"][i]
         n = int(alone["completion_mask"].sum())
         assert torch.equal(alone["completion_ids"][0, :n], batched["completion_ids"][i, :n])
@@ -24,7 +25,7 @@ def test_completion_mask_ends_at_the_first_eos_inclusive(toy):
     prompts = [common.chat_prompt(tokenizer, common.student_prompt(e["question"]))
                for e in common.load_examples("toy", "test")[:8]]
     torch.manual_seed(0)
-    out = common.generate(model, tokenizer, prompts, max_new_tokens=64, temperature=1.0,
+    out = engine.generate(model, tokenizer, prompts, max_new_tokens=64, temperature=1.0,
                           top_p=0.95, top_k=20, num_samples=2)
     ids, mask = out["completion_ids"], out["completion_mask"]
     assert ids.shape[0] == 16 and out["prompt_ids"].shape[0] == 16
@@ -40,7 +41,7 @@ def test_completion_mask_ends_at_the_first_eos_inclusive(toy):
 
 def test_pack_shares_prompts_and_trains_eos_even_when_pad_equals_eos():
     eos = pad = 2
-    batch = common.pack([[5, 6, 7], [5], [5, 6, 7]], [[8, 9, eos], [8, eos], [9, eos]], pad_id=pad,
+    batch = engine.pack([[5, 6, 7], [5], [5, 6, 7]], [[8, 9, eos], [8, eos], [9, eos]], pad_id=pad,
                         device="cpu")
     assert batch["prompt_ids"].tolist() == [[5, 6, 7], [pad, pad, 5]]  # each prompt once, left padded
     assert batch["prompt_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
@@ -60,7 +61,7 @@ def rows_and_batch(tokenizer):
     generator = torch.Generator().manual_seed(0)
     rows = [(prompt, torch.randint(3, 90, (length,), generator=generator).tolist())
             for length in (5, 1, 9) for prompt in prompts]
-    return rows, common.pack([p for p, _ in rows], [c for _, c in rows], tokenizer.pad_token_id, "cpu")
+    return rows, engine.pack([p for p, _ in rows], [c for _, c in rows], tokenizer.pad_token_id, "cpu")
 
 
 def assert_equal_to_one_pass_per_row(model, rows, batch):
@@ -74,7 +75,7 @@ def assert_equal_to_one_pass_per_row(model, rows, batch):
     model.train()
     weights = torch.randn(*batch["completion_ids"].shape, model.config.hidden_size)
     mask = batch["completion_mask"].bool()
-    shared = common.completion_hidden(model, batch)  # [N, T, H]
+    shared = engine.completion_hidden(model, batch)  # [N, T, H]
     (shared[mask] * weights[mask]).sum().backward()
     shared_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
@@ -132,7 +133,7 @@ def test_shared_prompt_passes_with_sliding_windows_and_shared_keys(kind, tmp_pat
     prompts = [torch.randint(3, 90, (n,), generator=generator).tolist() for n in (9, 6)]
     rows = [(prompts[i % 2], torch.randint(3, 90, (n,), generator=generator).tolist())
             for i, n in enumerate((7, 10, 3, 1))]
-    assert_equal_to_one_pass_per_row(model, rows, common.pack([p for p, _ in rows],
+    assert_equal_to_one_pass_per_row(model, rows, engine.pack([p for p, _ in rows],
                                                                [c for _, c in rows], 0, "cpu"))
 
 
@@ -150,7 +151,7 @@ def test_a_model_with_recurrent_layers_is_refused_in_one_line(tmp_path):
 def test_token_logprobs_match_a_log_softmax(toy):
     model, tokenizer = toy
     rows, batch = rows_and_batch(tokenizer)
-    logprobs = common.token_logprobs(model, batch, chunk_size=2)  # [N, T]
+    logprobs = engine.token_logprobs(model, batch, chunk_size=2)  # [N, T]
     for i, (prompt, completion) in enumerate(rows):
         with torch.no_grad():
             reference = model(torch.tensor([prompt + completion])).logits[0].log_softmax(-1)
@@ -164,12 +165,12 @@ def test_evaluate_counts_correct_answers(toy):
     examples = common.load_examples("toy", "test")[:20]
     result = common.evaluate(model, tokenizer, examples, max_new_tokens=64, batch_size=7)
     prompts = [common.chat_prompt(tokenizer, common.student_prompt(e["question"])) for e in examples]
-    texts = common.generate(model, tokenizer, prompts, 64)["texts"]
+    texts = engine.generate(model, tokenizer, prompts, 64)["texts"]
     assert result["n"] == 20
     assert result["accuracy"] == sum(common.is_correct(t, e["answer"]) for t, e in zip(texts, examples)) / 20
     # Cut short, some completions end before their '####' line: format counts those that do not.
     short = common.evaluate(model, tokenizer, examples, max_new_tokens=26, batch_size=7)
-    texts = common.generate(model, tokenizer, prompts, 26)["texts"]
+    texts = engine.generate(model, tokenizer, prompts, 26)["texts"]
     answered = sum(common.extract_answer(text) is not None for text in texts)
     assert 0 < answered < 20 and short["format"] == answered / 20
 
@@ -183,7 +184,7 @@ def test_greedy_equals_transformers_generate_token_for_token(toy):
     """Our KV-cache loop (prefill once, finished rows leave the batch) is plain greedy decoding."""
     model, tokenizer = toy
     prompts = toy_prompts(tokenizer, 6)
-    ours = common.generate(model, tokenizer, prompts, max_new_tokens=48)
+    ours = engine.generate(model, tokenizer, prompts, max_new_tokens=48)
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     theirs = model.generate(**encoded, do_sample=False, max_new_tokens=48,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -193,7 +194,7 @@ def test_greedy_equals_transformers_generate_token_for_token(toy):
         assert ours["completion_ids"][row, :n].tolist() == theirs[row, :n].tolist()
         assert ours["finished"][row] == (theirs[row, n - 1] == tokenizer.eos_token_id)
     # Two samples per prompt share its prefilled cache: greedy, both are the one completion.
-    twice = common.generate(model, tokenizer, prompts, max_new_tokens=48, num_samples=2)
+    twice = engine.generate(model, tokenizer, prompts, max_new_tokens=48, num_samples=2)
     assert twice["texts"] == [text for text in ours["texts"] for _ in range(2)]
 
 
@@ -204,12 +205,12 @@ def test_sampling_has_no_hidden_top_k(toy_model):
     model, tokenizer = toy_model
     vocabulary, hidden = model.lm_head.weight.shape
     model.lm_head = torch.nn.Linear(hidden, vocabulary, bias=True,  # logits = the bias, whatever
-                                    device=common.device_of(model))
+                                    device=model.device)
     torch.nn.init.zeros_(model.lm_head.weight)  # the hidden state
     with torch.no_grad():
         model.lm_head.bias.copy_(-torch.linspace(0, 1, vocabulary))  # distinct, slowly falling
     torch.manual_seed(0)
-    out = common.generate(model, tokenizer, toy_prompts(tokenizer, 1), max_new_tokens=1,
+    out = engine.generate(model, tokenizer, toy_prompts(tokenizer, 1), max_new_tokens=1,
                           temperature=1.0, top_k=0, num_samples=4000)
     first = out["completion_ids"][:, 0]
     assert len(set(first.tolist())) == vocabulary  # every token drawn, none cut off
@@ -229,12 +230,12 @@ def test_sample_next_token_draws_the_exact_truncated_distribution():
     expected = torch.where(keep, probs, torch.zeros_like(probs))
     expected = expected / expected.sum()
     torch.manual_seed(0)
-    draws = torch.cat([common.sample_next_token(logits.expand(1000, -1), temperature, top_p, top_k)
+    draws = torch.cat([engine.sample_next_token(logits.expand(1000, -1), temperature, top_p, top_k)
                        for _ in range(40)])
     frequencies = torch.bincount(draws, minlength=8).float() / len(draws)
     assert (frequencies - expected).abs().max() < 0.006
     assert frequencies[~keep].sum() == 0
-    assert common.sample_next_token(logits, temperature=0.0).item() == 0  # greedy: the argmax
+    assert engine.sample_next_token(logits, temperature=0.0).item() == 0  # greedy: the argmax
 
 
 def test_generation_stops_at_any_end_token_of_the_generation_config(toy_model):
@@ -242,11 +243,11 @@ def test_generation_stops_at_any_end_token_of_the_generation_config(toy_model):
     ends at the first of any of them, and its mask ends there, the end token included."""
     model, tokenizer = toy_model
     prompts = toy_prompts(tokenizer, 4)
-    plain = common.generate(model, tokenizer, prompts, max_new_tokens=48)
+    plain = engine.generate(model, tokenizer, prompts, max_new_tokens=48)
     equals = tokenizer.convert_tokens_to_ids("=")
     assert all("=" in text for text in plain["texts"])
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, equals]
-    cut = common.generate(model, tokenizer, prompts, max_new_tokens=48)
+    cut = engine.generate(model, tokenizer, prompts, max_new_tokens=48)
     for row in range(len(prompts)):
         n = int(cut["completion_mask"][row].sum())
         first_equals = plain["completion_ids"][row].tolist().index(equals)
@@ -260,11 +261,11 @@ def test_greedy_ignores_the_checkpoints_generation_settings(toy_model):
     length) must not change decoding: greedy is the plain argmax."""
     model, tokenizer = toy_model
     prompts = toy_prompts(tokenizer, 4)
-    plain = common.generate(model, tokenizer, prompts, max_new_tokens=48)
+    plain = engine.generate(model, tokenizer, prompts, max_new_tokens=48)
     model.generation_config.repetition_penalty = 3.0
     model.generation_config.no_repeat_ngram_size = 1
     model.generation_config.min_new_tokens = 40
-    assert common.generate(model, tokenizer, prompts, max_new_tokens=48)["texts"] == plain["texts"]
+    assert engine.generate(model, tokenizer, prompts, max_new_tokens=48)["texts"] == plain["texts"]
 
 
 def test_preallocated_cache_layer_holds_what_transformers_dynamic_layer_holds():
@@ -272,7 +273,7 @@ def test_preallocated_cache_layer_holds_what_transformers_dynamic_layer_holds():
     growing) and rows leaving: the same keys and values, and the same length for the mask."""
     from transformers.cache_utils import DynamicLayer
     torch.manual_seed(0)
-    ours, theirs = common.PreallocatedLayer(max_length=9), DynamicLayer()
+    ours, theirs = engine.PreallocatedLayer(max_length=9), DynamicLayer()
     prefill = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)  # [rows, heads, positions, dim]
     steps = [(torch.randn(6, 3, 1, 4), torch.randn(6, 3, 1, 4)),
              (torch.randn(4, 3, 1, 4), torch.randn(4, 3, 1, 4))]

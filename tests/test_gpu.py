@@ -73,9 +73,9 @@ def test_resume_on_cuda(qwen3_shaped, tmp_path, monkeypatch):
     GPU backward kernels add in a varying order, so its step-1 weights differ in the last bits.)"""
     real_save = common.save_checkpoint
 
-    def save_and_copy(out, step, *rest):  # a copy of checkpoint 1 (the run deletes it later)
-        folder = real_save(out, step, *rest)
-        if step == 1:
+    def save_and_copy(run):  # a copy of checkpoint 1 (the run deletes it later)
+        folder = real_save(run)
+        if run.step == 1:
             shutil.copytree(folder, tmp_path / "resumed" / folder.name)
         return folder
     monkeypatch.setattr(common, "save_checkpoint", save_and_copy)

@@ -3,7 +3,7 @@ script, the figures it prints. On a GPU, `python toy/gpu_check.py` runs the Qwen
 import importlib.util
 from pathlib import Path
 
-import common
+import engine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -12,9 +12,9 @@ def test_the_gpu_check_runs_each_script_on_a_tiny_shape(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "toy" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
-    real_generate = common.generate
+    real_generate = engine.generate
     results = gpu_check.main(["--tiny", "--out", str(tmp_path)])
-    assert common.generate is real_generate  # the timing wrapper is gone again
+    assert engine.generate is real_generate  # the timing wrapper is gone again
     assert [row["script"] for row in results] == ["sft.py", "grpo.py", "opsd.py"]
     # A random model's completions run to --max-new-tokens 16: 2 steps x prompts x generations x 16.
     assert [row["rollout_tokens"] for row in results] == [0, 2 * 2 * 2 * 16, 2 * 4 * 1 * 16]

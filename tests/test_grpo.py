@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import common
+import engine
 import grpo
 from lora import load_lora
 
@@ -175,8 +176,8 @@ def heldout_reward(model, tokenizer, examples):
     models share their random numbers, so the difference is mostly the models' and not noise."""
     torch.manual_seed(0)
     prompts = [common.chat_prompt(tokenizer, common.student_message(e)) for e in examples]
-    texts = common.generate(model, tokenizer, prompts, 64, temperature=0.7, num_samples=8)["texts"]
-    return sum(grpo.reward(text, examples[i // 8]["answer"]) for i, text in enumerate(texts)) / len(texts)
+    texts = engine.generate(model, tokenizer, prompts, 64, temperature=0.7, num_samples=8)["texts"]
+    return float(common.judge(texts, examples, 8).float().mean())  # grpo.py's reward, no format bonus
 
 
 def test_short_toy_run_raises_the_held_out_reward(tmp_path, toy):
@@ -217,7 +218,7 @@ def test_rows_with_zero_advantage_are_skipped_without_changing_the_gradient(tmp_
     the model; the gradient equals that of training on every row (here: a beta so small that every
     row is trained, with the same rollouts)."""
     norms, trained_rows = [], []
-    real_step, real_logprobs = common.optimizer_step, common.token_logprobs
+    real_step, real_logprobs = common.optimizer_step, engine.token_logprobs
 
     def record_step(*args):
         norms.append(real_step(*args))
@@ -227,7 +228,7 @@ def test_rows_with_zero_advantage_are_skipped_without_changing_the_gradient(tmp_
         trained_rows[-1] += batch["completion_ids"].shape[0]
         return real_logprobs(model, batch, *args, **kwargs)
     monkeypatch.setattr(common, "optimizer_step", record_step)
-    monkeypatch.setattr(common, "token_logprobs", record_rows)
+    monkeypatch.setattr(engine, "token_logprobs", record_rows)
     quick = ["--steps", "1", "--batch-size", "4", "--eval-n", "4", "--max-new-tokens", "32"]
     for name, beta in [("skipping", "0"), ("every-row", "1e-12")]:
         trained_rows.append(0)

@@ -2,12 +2,14 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import common
+import engine
 import opsd
 from lora import load_lora, lora_disabled, lora_layers
 
@@ -38,9 +40,18 @@ def slow_divergence(student_logits, teacher_logits, mask, beta, temperature, cli
     return total / count
 
 
+class LogitsModel:
+    """A stand-in model whose output layer is the identity: its "hidden states" are logits."""
+    config = SimpleNamespace(get_text_config=SimpleNamespace)  # no logit scaling or soft cap
+
+    @staticmethod
+    def get_output_embeddings():
+        return torch.nn.Identity()
+
+
 def logit_divergence(student_logits, teacher_logits, mask, *args, **kwargs):
     """opsd.divergence given logits rather than hidden states: identity output layers."""
-    return opsd.divergence(student_logits, teacher_logits, mask, lambda x: x, lambda x: x, [],
+    return opsd.divergence(LogitsModel, student_logits, LogitsModel, teacher_logits, mask,
                            *args, **kwargs)
 
 
@@ -152,7 +163,7 @@ def test_weighted_divergence_is_the_weighted_mean_of_the_rows():
 def test_paced_trains_the_rows_of_problems_at_the_frontier_and_the_schedule_switches_kl(
         tmp_path, monkeypatch):
     weights, trained_rows, betas = [], [], []  # per step
-    real_weights, real_hidden, real_divergence = (opsd.paced_weights, common.completion_hidden,
+    real_weights, real_hidden, real_divergence = (opsd.paced_weights, engine.completion_hidden,
                                                   opsd.divergence)
 
     def record_weights(*args):
@@ -166,10 +177,10 @@ def test_paced_trains_the_rows_of_problems_at_the_frontier_and_the_schedule_swit
         return real_hidden(model, batch)
 
     def record_beta(*args):
-        betas.append(args[6])
+        betas.append(args[5])  # divergence(student, hidden, teacher, hidden, weights, beta, ...)
         return real_divergence(*args)
     monkeypatch.setattr(opsd, "paced_weights", record_weights)
-    monkeypatch.setattr(common, "completion_hidden", record_rows)
+    monkeypatch.setattr(engine, "completion_hidden", record_rows)
     monkeypatch.setattr(opsd, "divergence", record_beta)
     out = tmp_path / "paced"
     opsd.main(["--steps", "4", "--batch-size", "4", "--num-generations", "4", "--eval-n", "0",
@@ -198,7 +209,7 @@ def test_paced_options_fail_in_one_line_before_the_model_loads(argv, message, mo
 
 def test_training_step_sees_the_same_completion_and_keeps_the_fixed_teacher(tmp_path, monkeypatch, toy):
     calls = []
-    real_completion_hidden = common.completion_hidden
+    real_completion_hidden = engine.completion_hidden
 
     def recording(model, batch):
         hidden = real_completion_hidden(model, batch)
@@ -207,7 +218,7 @@ def test_training_step_sees_the_same_completion_and_keeps_the_fixed_teacher(tmp_
                       disabled, hidden.requires_grad))
         return hidden
 
-    monkeypatch.setattr(common, "completion_hidden", recording)
+    monkeypatch.setattr(engine, "completion_hidden", recording)
     out = tmp_path / "opsd"
     opsd.main(["--steps", "2", "--batch-size", "4", "--eval-n", "4", "--out", str(out)])
     assert len(calls) == 4  # teacher, student; twice
@@ -233,17 +244,17 @@ def heldout_divergence(student, teacher, tokenizer, examples, rollouts):
     teacher_texts = [common.chat_prompt(tokenizer, opsd.teacher_prompt(e["question"], e["solution"]))
                      for e in examples]
     teacher_prompts = tokenizer(teacher_texts, add_special_tokens=False)["input_ids"]
-    completions = common.unpadded(rollouts["completion_ids"], rollouts["completion_mask"])
+    completions = engine.unpadded(rollouts["completion_ids"], rollouts["completion_mask"])
     pad = tokenizer.pad_token_id
     with torch.no_grad():
-        teacher_hidden = common.completion_hidden(teacher, common.pack(teacher_prompts, completions,
+        teacher_hidden = engine.completion_hidden(teacher, engine.pack(teacher_prompts, completions,
                                                                        pad, "cpu"))
-        student_prompts = common.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
-        student_hidden = common.completion_hidden(student, common.pack(student_prompts, completions,
+        student_prompts = engine.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
+        student_hidden = engine.completion_hidden(student, engine.pack(student_prompts, completions,
                                                                        pad, "cpu"))
         return opsd.divergence(student_hidden, teacher_hidden, rollouts["completion_mask"],
-                               lambda hidden: common.output_logits(student, hidden),
-                               lambda hidden: common.output_logits(teacher, hidden), [],
+                               lambda hidden: engine.output_logits(student, hidden),
+                               lambda hidden: engine.output_logits(teacher, hidden), [],
                                temperature=0.7).item()
 
 
@@ -252,7 +263,7 @@ def test_short_toy_run_lowers_the_divergence_on_held_out_rollouts(tmp_path, toy)
     examples = common.load_examples("toy", "test")[:32]
     torch.manual_seed(0)
     prompts = [common.chat_prompt(tokenizer, common.student_message(e)) for e in examples]
-    rollouts = common.generate(base, tokenizer, prompts, 64, temperature=0.7)
+    rollouts = engine.generate(base, tokenizer, prompts, 64, temperature=0.7)
     before = heldout_divergence(base, base, tokenizer, examples, rollouts)
 
     out = tmp_path / "opsd"

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import engine
 import grpo
 import opsd
 import sft
@@ -41,12 +42,12 @@ def losses(out):
 
 def test_greedy_generation_matches_transformers_and_stops_at_the_end_token(smollm2):
     model, tokenizer = common.load_model(smollm2)
-    assert common.end_token_ids(model, tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert engine.end_token_ids(model, tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     prompts = [common.chat_prompt(tokenizer, "What is 3 + 4? Answer with the number only."),
                common.chat_prompt(tokenizer, "Name a colour. One word.")]
     assert all(p.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
                for p in prompts)  # its chat template adds its default system prompt
-    ours = common.generate(model, tokenizer, prompts, max_new_tokens=24)
+    ours = engine.generate(model, tokenizer, prompts, max_new_tokens=24)
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     theirs = model.generate(**encoded, do_sample=False, max_new_tokens=24,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -69,13 +70,13 @@ def test_every_script_runs_two_steps(smollm2, tmp_path, monkeypatch, capsys):
                                "--out", str(tmp_path / "grpo")])
 
     calls = []
-    real_completion_hidden = common.completion_hidden
+    real_completion_hidden = engine.completion_hidden
 
     def recording(model, batch):
         calls.append((batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
                       batch["completion_mask"]))
         return real_completion_hidden(model, batch)
-    monkeypatch.setattr(common, "completion_hidden", recording)
+    monkeypatch.setattr(engine, "completion_hidden", recording)
     opsd.main(model + SMALL + ["--gradient-checkpointing", "--out", str(tmp_path / "opsd")])
     for name in ["sft", "rft", "grpo", "opsd"]:
         assert all(torch.isfinite(torch.tensor(losses(tmp_path / name)))), name

@@ -150,7 +150,8 @@ def test_rejection_sampling_keeps_correct_finished_distinct_samples(toy, monkeyp
     monkeypatch.setattr(common, "sample_rollouts",
                         lambda *args: fake_rollouts(tokenizer, prompts, texts, finished))
     args = sft.parse_args(["--rejection-sampling", "4"])
-    correct, wrong, num_correct = sft.judged_samples(None, tokenizer, examples, args, {})
+    run = common.Run(args, None, tokenizer, [], [], None, None, step=0, state={})
+    correct, wrong, num_correct = sft.judged_samples(run, examples)
     # Question 0: samples 0-3; 0 and 1 are the same text (kept once), 3 is wrong.
     # Question 1: samples 4-7; 5 has question 0's answer, 6 is right but never finished (neither
     # kept nor wrong), 7 has no answer.

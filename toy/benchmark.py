@@ -2,7 +2,7 @@
 
     python toy/benchmark.py memory                  # peak RSS of one step of opsd.py, grpo.py, sft.py
     python toy/benchmark.py memory --scripts opsd   # only some of them
-    python toy/benchmark.py rollouts                # common.generate against model.generate
+    python toy/benchmark.py rollouts                # engine.generate against model.generate
 
 memory: one training step of each script, in a process of its own, on the real-vocabulary stand-in
 (Qwen3 with V = 151,936, hidden 1024, 2 layers; built into models/standin on first use) at the
@@ -28,7 +28,7 @@ Reported: the median over steps 2..N (step 1 warms up). TRL runs only where `imp
     /path/to/venv-with-trl/bin/python toy/benchmark.py grpo    # both; tested with TRL 1.16.0
 
 rollouts: seconds to sample one step of those rollouts (8 prompts x 8 samples x 48 tokens, the
-"tiny" model) with common.generate and with transformers' model.generate at identical sampling.
+"tiny" model) with engine.generate and with transformers' model.generate at identical sampling.
 
 Run it on a machine that does nothing else if the times matter: on 2 CPU cores, a test suite
 running beside it made steps 2 to 15 times slower (two processes of 2 threads each on 2 cores). The
@@ -138,11 +138,9 @@ def grpo_prompts(tokenizer, steps):
     """The prompt strings of grpo.py's first `steps` steps, in its order, with their answers."""
     import common
     examples = common.load_examples("toy", "train")
-    state = {"data_position": 0}
-    args = argparse.Namespace(batch_size=GRPO["prompts"], seed=GRPO["seed"])
-    batches = [common.next_batch(examples, args, state) for _ in range(steps)]
-    return [(common.chat_prompt(tokenizer, common.student_message(e)), e["answer"])
-            for batch in batches for e in batch]
+    indices = common.batch_indices(len(examples), GRPO["prompts"] * steps, 0, GRPO["seed"])
+    return [(common.chat_prompt(tokenizer, common.student_message(examples[i])),
+             examples[i]["answer"]) for i in indices]
 
 
 def trl_worker(model_path, steps, out):
@@ -153,7 +151,7 @@ def trl_worker(model_path, steps, out):
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    import grpo  # the same reward as grpo.py's
+    import common  # the same reward as grpo.py's: common.is_correct
 
     torch.manual_seed(GRPO["seed"])
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
@@ -162,7 +160,7 @@ def trl_worker(model_path, steps, out):
     dataset = Dataset.from_list([{"prompt": p, "answer": a} for p, a in prompts])
 
     def correct(completions, answer, **kwargs):
-        return [grpo.reward(c, a) for c, a in zip(completions, answer)]
+        return [float(common.is_correct(c, a)) for c, a in zip(completions, answer)]
 
     class PrintStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -229,24 +227,25 @@ def grpo_speed(args):
 
 
 def rollout_speed(args):
-    """Seconds to sample GRPO's rollouts with common.generate and with model.generate at identical
+    """Seconds to sample GRPO's rollouts with engine.generate and with model.generate at identical
     sampling (temperature 1, no top-k, no top-p; 8 prompts x 8 samples x 48 new tokens), in this
     process, alternating, the median of --repeats calls each after one warm-up call."""
     import torch
     from transformers import GenerationConfig
 
     import common
+    import engine
     model_path = args.model or random_model.write("tiny", REPO / "models" / "tiny")
     model, tokenizer = common.load_model(str(model_path), "float32")
     prompts = [prompt for prompt, _ in grpo_prompts(tokenizer, 1)]
     n, max_new = GRPO["generations"], GRPO["max_new_tokens"]
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                               max_new_tokens=max_new, num_return_sequences=n,
-                              eos_token_id=common.end_token_ids(model, tokenizer),
+                              eos_token_id=engine.end_token_ids(model, tokenizer),
                               pad_token_id=tokenizer.pad_token_id)
 
     def ours():
-        return common.generate(model, tokenizer, prompts, max_new, 1.0, num_samples=n)[
+        return engine.generate(model, tokenizer, prompts, max_new, 1.0, num_samples=n)[
             "num_generated_tokens"]
 
     def transformers_generate():
@@ -256,9 +255,9 @@ def rollout_speed(args):
             output = model.generate(**encoded, generation_config=config)
         return output.shape[0] * (output.shape[1] - encoded["input_ids"].shape[1])
 
-    times = {"common.generate": [], "model.generate": []}
+    times = {"engine.generate": [], "model.generate": []}
     for repeat in range(args.repeats + 1):
-        for name, sample in [("common.generate", ours), ("model.generate", transformers_generate)]:
+        for name, sample in [("engine.generate", ours), ("model.generate", transformers_generate)]:
             start = time.time()
             sample()
             if repeat:  # the first call of each warms up
@@ -267,7 +266,7 @@ def rollout_speed(args):
     print(f"rollouts on {model_path}: {len(prompts)} prompts x {n} samples x {max_new} new tokens")
     for name, median in medians.items():
         print(f"{name}: {median:.3f} s (median of {args.repeats})")
-    print(f"common.generate is {medians['model.generate'] / medians['common.generate']:.2f}x as fast")
+    print(f"engine.generate is {medians['model.generate'] / medians['engine.generate']:.2f}x as fast")
     print(json.dumps({"benchmark": "rollouts", "model": str(model_path), "seconds": times}))
 
 
@@ -287,7 +286,7 @@ def main():
     parser_grpo.add_argument("--repeats", type=int, default=1,
                              help="run each implementation this many times, alternating")
     parser_rollouts = commands.add_parser("rollouts",
-                                          help="seconds: common.generate against model.generate")
+                                          help="seconds: engine.generate against model.generate")
     parser_rollouts.add_argument("--model", help="model folder (default: models/tiny)")
     parser_rollouts.add_argument("--repeats", type=int, default=5,
                                  help="timed calls of each, after one warm-up (default: 5)")

@@ -9,7 +9,7 @@ case of every step. Each of sft.py, grpo.py and opsd.py runs 2 steps with its de
 paper's settings: 32 prompts a step, 1024 new tokens, LoRA r 64, GRPO's 8 generations) on the toy
 problems, in bfloat16 with SDPA attention, or Flash Attention 2 when flash-attn is installed.
 For each script it prints the peak GPU memory (torch.cuda.max_memory_allocated) and the tokens per
-second of its rollouts (common.generate) and of its training (the rest of each step).
+second of its rollouts (engine.generate) and of its training (the rest of each step).
 """
 import argparse
 import gc
@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "toy"))
 import common  # noqa: E402
+import engine  # noqa: E402
 import grpo  # noqa: E402
 import opsd  # noqa: E402
 import random_model  # noqa: E402
@@ -54,8 +55,8 @@ def timed_generate(generate, timings):
 def check(name, main, argv, out):
     """Run one script; return its peak memory and the throughput of its rollouts and training."""
     timings = {"seconds": 0.0, "tokens": 0}
-    real_generate = common.generate
-    common.generate = timed_generate(real_generate, timings)  # sample_rollouts calls it by name
+    real_generate = engine.generate
+    engine.generate = timed_generate(real_generate, timings)  # sample_rollouts calls it by name
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -63,7 +64,7 @@ def check(name, main, argv, out):
     try:
         main(argv + ["--out", str(out), "--overwrite"])  # replaces an earlier check's run
     finally:
-        common.generate = real_generate
+        engine.generate = real_generate
     summary = json.loads((out / "summary.json").read_text())
     train_seconds = summary["wall_seconds"] - timings["seconds"]
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()  # CPU: the process's
