@@ -252,10 +252,8 @@ def heldout_divergence(student, teacher, tokenizer, examples, rollouts):
         student_prompts = engine.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
         student_hidden = engine.completion_hidden(student, engine.pack(student_prompts, completions,
                                                                        pad, "cpu"))
-        return opsd.divergence(student_hidden, teacher_hidden, rollouts["completion_mask"],
-                               lambda hidden: engine.output_logits(student, hidden),
-                               lambda hidden: engine.output_logits(teacher, hidden), [],
-                               temperature=0.7).item()
+        return opsd.divergence(student, student_hidden, teacher, teacher_hidden,
+                               rollouts["completion_mask"], temperature=0.7).item()
 
 
 def test_short_toy_run_lowers_the_divergence_on_held_out_rollouts(tmp_path, toy):
