@@ -239,7 +239,7 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp=None, beta=0.0, eps_l
 def reward(correct, readable, format_reward=0.0):
     """1 if the completion's final answer equals the reference (the OPSD paper's reward), else 0;
     plus `format_reward` when a final answer could be read at all. [N] bool tensors -> [N]."""
-    return correct.float() + format_reward * readable.float()
+    return (correct.double() + format_reward * readable.double()).float()
 
 
 def rewards_and_advantages(rollouts, examples, args):

@@ -171,6 +171,14 @@ def test_masked_positions_change_nothing():
     assert a == b
 
 
+def test_reward_is_correctness_plus_the_format_bonus():
+    correct = torch.tensor([True, False, False])
+    readable = torch.tensor([True, True, False])  # the third has no final answer at all
+    rewards = grpo.reward(correct, readable, format_reward=0.0097)
+    assert rewards.tolist() == [torch.tensor(1.0097).item(), torch.tensor(0.0097).item(), 0.0]
+    assert grpo.reward(correct, readable).tolist() == [1.0, 0.0, 0.0]
+
+
 def heldout_reward(model, tokenizer, examples):
     """Mean reward of 8 samples at temperature 0.7 for each example, from a fixed seed: runs of two
     models share their random numbers, so the difference is mostly the models' and not noise."""

@@ -119,7 +119,7 @@ def make_model(shape, tokenizer, seed=SEED):
         model.lm_head.weight[special] *= 1e-3
         model.model.norm.weight.fill_(LOGIT_STD / (config.initializer_range
                                                    * math.sqrt(config.hidden_size)))
-    # Qwen3 ends a completion at <|im_end|> or <|endoftext|>; common.generate stops at both.
+    # Qwen3 ends a completion at <|im_end|> or <|endoftext|>; engine.generate stops at both.
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id],
         pad_token_id=tokenizer.pad_token_id)

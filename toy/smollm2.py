@@ -68,7 +68,7 @@ def convert(gguf_path, out):
 
     # End of generation is <|im_end|>, the end of a chat turn: the GGUF names it as its one EOS token
     # (and as pad) and lists no other end token, so <|endoftext|> is not one. Nothing here changes how
-    # tokens are sampled (common.generate passes its own sampling settings anyway).
+    # tokens are sampled (engine.generate passes its own sampling settings anyway).
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
