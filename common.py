@@ -2,8 +2,8 @@
 
 In the order a script's main() meets it: the command line; the run (`start_run` makes a `Run`:
 its folder, data, model with LoRA, optimizer and schedule, resumed or evaluated "before");
-torchrun; loading a model; data; prompts and answer checking (the reward of GRPO, the judge of
-RFT); a step's rollouts; the step's end (optimizer step, one log line, periodic evaluation and
+torchrun; loading a model; data; prompts and answer checking (`judge`: is a completion's answer
+right); a step's rollouts; the step's end (optimizer step, one log line, periodic evaluation and
 checkpoint); the run's end (`finish_run`); then evaluation, AdamW and its schedule, checkpoints.
 What exists only for speed and memory (the sampler, the training forward pass, the output layer a
 chunk at a time) is engine.py's.
@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ def run_cli(main):
 
 # ----------------------------------------------------------------------------------------------
 # Arguments shared by the three scripts (same flag, same meaning everywhere)
+
 
 def add_common_args(parser):
     add = parser.add_argument
@@ -104,6 +105,9 @@ def add_common_args(parser):
     add("--eval-n", type=int, default=500, help="held-out problems to evaluate on (0: none)")
     add("--eval-batch-size", type=int, default=64, help="rows per generate call in evaluation")
     add("--eval-every", type=int, default=0, help="greedy held-out accuracy every N steps (0: off)")
+    add("--eval-before", action=argparse.BooleanOptionalAction, default=True,
+        help="evaluate the starting model before training (off: runs of a study from one base "
+             "evaluated once, by toy/evaluate.py)")
     add("--eval-k", type=int, default=0,
         help="before and after training, also sample K completions per held-out problem: "
              "mean@K, pass@K, maj@K (0: greedy accuracy only)")
@@ -190,7 +194,7 @@ class Run:
     eval_examples: list  # the held-out problems (--eval-n of them)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    step: int  # optimizer steps done (rollout batches with grpo.py's --num-iterations)
+    step: int  # steps done (a step may take several optimizer updates: `start_run`)
     state: dict  # what a checkpoint's state.json keeps: data position, token counters, "before"
     metrics_file: object = None  # metrics.jsonl, one row per step (rank 0's)
     loop_started: float = 0.0  # time.time() at this process's first step
@@ -198,6 +202,7 @@ class Run:
     wall_before: float = 0.0  # seconds of the run before this process's first step
     step_started: float = 0.0  # time.time() at the start of the current step (`next_batch`)
     generated_before_step: int = 0  # state["generated_tokens"] then
+    method_tensors: dict = field(default_factory=dict)  # a method's tensors kept in checkpoints
 
 
 def start_run(args, updates_per_step=1):
@@ -235,14 +240,14 @@ def start_run(args, updates_per_step=1):
                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     checkpoint = latest_checkpoint(args.out) if args.resume else None
     if checkpoint:
-        run.state = load_checkpoint(checkpoint, model, optimizer, scheduler, args.full)
-        run.step = run.state.pop("step")
+        load_checkpoint(checkpoint, run)
         print(f"resumed from {checkpoint} at step {run.step}")
     else:
         if args.resume:
             print(f"no checkpoint in {args.out}: starting from step 0")
-        run.state["before"] = run_evaluation(run, args.eval_k)
-        print(f"before: {describe(run.state['before'])}")
+        run.state["before"] = run_evaluation(run, args.eval_k) if args.eval_before else None
+        print(f"before: {describe(run.state['before'])}" if args.eval_before else
+              "before: not evaluated (--no-eval-before)")
     run.state["wall_seconds"] += time.time() - started
     run.metrics_file = open_metrics(args.out, run.step)
     model.train()
@@ -318,6 +323,7 @@ def prepare_out(args):
 # the optimizer step. Every loss is normalised by counts over all ranks (`global_sum`), so N ranks
 # with --batch-size B compute the gradient that one process with --batch-size N*B computes.
 
+
 def init_distributed():
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU); a no-op in a single process.
     Ranks other than 0 print nothing: rank 0 logs for all."""
@@ -364,6 +370,7 @@ def gather_objects(value):
 # ----------------------------------------------------------------------------------------------
 # Model and tokenizer
 
+
 def compute_dtype(dtype, device):
     """--dtype as a torch dtype: 'auto' is bfloat16 on CUDA and float32 on a CPU."""
     if dtype == "auto":
@@ -407,8 +414,8 @@ def load_model(name_or_path="toy", dtype="auto", full=False, gradient_checkpoint
     model.to(device)
     if full and dtype != torch.float32:
         # Mixed precision: matrix products in `dtype`, weights and their gradients in float32.
-        # On the two parts the code calls: the decoder and the output layer (`completion_hidden`,
-        # `output_logits`; model(...) calls both). Norm weights stay float32, so some
+        # On the two parts the code calls: the decoder and the output layer (engine.py's
+        # `completion_hidden` and `output_logits`; model(...) calls both). Norm weights stay float32, so some
         # activations are float32 too. (Do not deepcopy such a model: the copy's wrappers would
         # still call the original's modules.)
         for part in (model.get_decoder(), model.get_output_embeddings()):
@@ -426,6 +433,7 @@ def load_model(name_or_path="toy", dtype="auto", full=False, gradient_checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # Data: records in GSM8K form {"question", "answer": "steps...\n#### 18"} or {"problem", "solution"}
+
 
 def read_records(path):
     """Read a .jsonl (one object a line) or .json (a list of objects) file; errors name the line."""
@@ -537,7 +545,7 @@ def answer_style(solution):
 
 
 def student_prompt(question, style="####"):
-    """What the model sees when it solves a problem (SFT, GRPO, the OPSD student): no solution."""
+    """What the model sees when it solves a problem, in training and evaluation: no solution."""
     return f"{question}\n{INSTRUCTIONS[style]}"
 
 
@@ -546,12 +554,14 @@ def student_message(example):
     return student_prompt(example["question"], answer_style(example["solution"]))
 
 
-def chat_prompt(tokenizer, message):
-    """The text the model continues: its chat template when it has one, else a plain format."""
+def chat_prompt(tokenizer, message, thinking=False):
+    """The text the model continues: its chat template when it has one, else a plain format.
+    thinking: the template's enable_thinking (Qwen3; a template without it ignores it). Off by
+    default: Qwen3 answers directly, no <think> block (short budgets of new tokens)."""
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True,
-            enable_thinking=False)  # Qwen3: answer directly, no <think> block (as OPSD's 1k budget)
+            enable_thinking=thinking)
     return f"Problem: {message}\nSolution:\n"
 
 
@@ -599,7 +609,6 @@ def hash_value(line):
     return normalize_answer(UNITS.sub("", value).removesuffix("%"))  # '50%' answers '50'
 
 
-
 def extract_answer(text):
     r"""Final answer of a solution or completion, normalised (normalize_answer); None if it has none.
 
@@ -629,6 +638,7 @@ def is_correct(completion, reference_answer):
     predicted = extract_answer(completion)
     return predicted is not None and predicted == normalize_answer(reference_answer)
 
+
 def judge(texts, examples, group_size):
     """[N] bool: whether completion i answers examples[i // group_size] (`is_correct`); the
     group_size completions of a problem are adjacent, as `sample_rollouts` returns them."""
@@ -639,12 +649,14 @@ def judge(texts, examples, group_size):
 # ----------------------------------------------------------------------------------------------
 # A step's rollouts
 
-def sample_rollouts(run, examples, num_samples):
-    """num_samples completions per example from its student prompt, in one `engine.generate` call
-    with the script's sampling flags (see its docstring for what it returns). Adds the tokens
-    generated on all ranks to state["generated_tokens"], the sampling cost methods are compared on."""
+
+def sample_rollouts(run, examples, num_samples, thinking=False):
+    """num_samples completions per example from its student prompt (`chat_prompt`), in one
+    `engine.generate` call with the script's sampling flags (see its docstring for what it returns).
+    Adds the tokens generated on all ranks to state["generated_tokens"], the sampling cost methods
+    are compared on."""
     args = run.args
-    prompts = [chat_prompt(run.tokenizer, student_message(e)) for e in examples]
+    prompts = [chat_prompt(run.tokenizer, student_message(e), thinking) for e in examples]
     rollouts = engine.generate(run.model, run.tokenizer, prompts, args.max_new_tokens,
                                args.temperature, args.top_p, args.top_k, num_samples)
     run.state["generated_tokens"] += global_sum(rollouts["num_generated_tokens"])  # of all ranks
@@ -654,6 +666,7 @@ def sample_rollouts(run, examples, num_samples):
 # ----------------------------------------------------------------------------------------------
 # The end of a step: the optimizer step, then one log line, periodic evaluation and checkpoint
 
+
 def optimizer_step(run):
     """Clip the gradient norm, step AdamW and the schedule, clear gradients; return the norm
     before clipping (worth logging: a loss near 0 can still come with a large gradient)."""
@@ -662,7 +675,7 @@ def optimizer_step(run):
         # Each rank's loss is its part of the whole batch's loss (normalised by counts over all
         # ranks), so the sum of the ranks' gradients is the gradient of the whole batch.
         for parameter in trainable:
-            if parameter.grad is None:  # this rank had no rows (e.g. --skip-zero-std dropped all)
+            if parameter.grad is None:  # this rank trained no row this step
                 parameter.grad = torch.zeros_like(parameter)
             dist.all_reduce(parameter.grad)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, run.args.max_grad_norm)
@@ -740,6 +753,7 @@ def write_summary(out, summary):
 # ----------------------------------------------------------------------------------------------
 # The end of the run
 
+
 def finish_run(run, **extra):
     """Evaluate "after", save the final checkpoint and write summary.json: what was trained on
     what, with which arguments, the result before and after, the last step's loss, the cost, and
@@ -748,7 +762,7 @@ def finish_run(run, **extra):
     started = time.time()
     after = run_evaluation(run, args.eval_k)
     print(f"after: {describe(after)}" + (f", before {state['before']['accuracy']:.3f}"
-                                         if after["n"] else ""))
+                                         if after["n"] and state["before"] else ""))
     state["wall_seconds"] += time.time() - started
     folder = save_checkpoint(run)
     print(f"saved {'model' if args.full else 'adapter'} to {folder}")
@@ -770,6 +784,7 @@ def finish_run(run, **extra):
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation
+
 
 def format_seconds(seconds):
     seconds = int(max(0, seconds))
@@ -829,8 +844,10 @@ def evaluate(model, tokenizer, examples, max_new_tokens, batch_size=64, message=
              temperature=1.0, top_p=1.0, top_k=0, seed=0):
     """Greedy accuracy on `examples`, and with k > 0 the `sample_metrics` of k samples per problem.
 
-    Returns {"accuracy", "format", "n"} (+ "k", "temperature", "mean@k", "pass@j", "maj@k", ...);
-    format is the share of greedy completions with a readable final answer (`extract_answer`).
+    Returns {"accuracy", "format", "n", "correct"} (+ "k", "temperature", "mean@k", "pass@j",
+    "maj@k", ...); format is the share of greedy completions with a readable final answer
+    (`extract_answer`); correct[i] is 1 if the greedy answer to examples[i] is right: two
+    evaluations on the same problems compare problem by problem (toy/compare.py's paired changes).
     message(example) -> the user message; default `student_message` (the problem alone).
     batch_size counts rows of a generate call: batch_size // k problems at a time when sampling.
     The samples come from a random stream of their own, seeded by `seed`, and the caller's random
@@ -866,9 +883,10 @@ def evaluate(model, tokenizer, examples, max_new_tokens, batch_size=64, message=
     answers = {name: [shards[i % len(shards)][name][i // len(shards)] for i in range(len(examples))]
                for name in answers}
     greedy = [answer for answer, in answers["greedy"]]  # one answer per problem
-    result = {"accuracy": sum(a == r for a, r in zip(greedy, references)) / len(examples),
+    correct = [int(answer == reference) for answer, reference in zip(greedy, references)]
+    result = {"accuracy": sum(correct) / len(examples),
               "format": sum(answer is not None for answer in greedy) / len(examples),
-              "n": len(examples)}
+              "n": len(examples), "correct": correct}
     if k:
         result.update({"k": k, "temperature": temperature},
                       **sample_metrics(answers[f"{k} samples"], references))
@@ -883,6 +901,7 @@ def describe(result):
     return (f"held-out accuracy {result['accuracy']:.3f} (n={result['n']}, format "
             f"{result['format']:.3f}){extra}")
 
+
 def run_evaluation(run, k=0):
     """`evaluate` with the script's flags; its time goes to state["eval_seconds"]."""
     started, args = time.time(), run.args
@@ -894,6 +913,7 @@ def run_evaluation(run, k=0):
 
 # ----------------------------------------------------------------------------------------------
 # Optimiser and schedule
+
 
 def make_optimizer(model, lr, weight_decay):
     """AdamW over the trainable parameters; no weight decay on biases and norm weights (1-D)."""
@@ -918,6 +938,7 @@ def make_scheduler(optimizer, warmup_steps, total_steps, schedule="cosine"):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: out/checkpoint-<step>/ holds the adapter (PEFT layout) or full weights, plus
 # trainer_state.pt (optimizer, scheduler, RNG), state.json (step, data position, ...), args.json.
+
 
 def rng_state():
     """The random states of this process: Python, the CPU and its own GPU (one GPU per rank)."""
@@ -954,7 +975,8 @@ def save_checkpoint(run):
                       else args.model)
         run.tokenizer.save_pretrained(tmp)  # the folder alone is enough to evaluate or serve it
         torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                    "rng": rng_states}, tmp / "trainer_state.pt")
+                    "rng": rng_states, "method_tensors": run.method_tensors},
+                   tmp / "trainer_state.pt")
         (tmp / "state.json").write_text(json.dumps({"step": run.step, **run.state}, indent=2))
         (tmp / "args.json").write_text(json.dumps(vars(args), indent=2))
         for file in tmp.iterdir():  # make the bytes durable before the rename publishes them
@@ -974,10 +996,12 @@ def latest_checkpoint(out):
     return folders[-1] if folders else None
 
 
-def load_checkpoint(folder, model, optimizer, scheduler, full):
-    """Restore weights, optimizer, scheduler and RNG from `folder`; return its state.json dict."""
+def load_checkpoint(folder, run):
+    """Restore the run's weights, optimizer, scheduler, RNG, method tensors and state (step, data
+    position, counters) from the checkpoint `folder`."""
     from safetensors.torch import load_file
-    if full:
+    model = run.model
+    if run.args.full:
         weights = {}
         for file in sorted(Path(folder).glob("*.safetensors")):
             weights.update(load_file(file, device=str(model.device)))
@@ -991,10 +1015,13 @@ def load_checkpoint(folder, model, optimizer, scheduler, full):
     # (without map_location every rank would first put its copy on the GPU it was saved from).
     trainer_state = torch.load(Path(folder) / "trainer_state.pt", weights_only=True,
                                map_location="cpu")
-    optimizer.load_state_dict(trainer_state["optimizer"])
-    scheduler.load_state_dict(trainer_state["scheduler"])
+    run.optimizer.load_state_dict(trainer_state["optimizer"])
+    run.scheduler.load_state_dict(trainer_state["scheduler"])
     if len(trainer_state["rng"]) != world_size():
         raise InputError(f"{folder}: saved by {len(trainer_state['rng'])} processes, resumed by "
                          f"{world_size()}: resume with as many (the data order depends on it)")
     set_rng_state(trainer_state["rng"][rank()])
-    return json.loads((Path(folder) / "state.json").read_text())
+    run.method_tensors = {name: tensor.to(model.device) for name, tensor
+                          in trainer_state.get("method_tensors", {}).items()}
+    run.state = json.loads((Path(folder) / "state.json").read_text())
+    run.step = run.state.pop("step")

@@ -17,7 +17,6 @@ here. This file imports no file of the project, reads no command-line arguments 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DummyLayer, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 # transformers' KV-cache layers that `completion_hidden` replaces by its own: attention, plain or
 # with a sliding window. Besides those, only DummyLayer (a layer that reads another layer's keys and
@@ -37,6 +36,7 @@ def keep_cache_in_recomputed_layers(model):
     Safe here: the only cache used with gradients is `completion_hidden`'s, which a recompute reads
     (SharedPromptLayer) or writes the same again (PromptRecorder); `generate` runs without
     gradients, where nothing is recomputed."""
+    from transformers.modeling_layers import GradientCheckpointingLayer  # slow: only when needed
     for layer in model.modules():
         if isinstance(layer, GradientCheckpointingLayer):
             layer._can_checkpoint_with_cache = True
@@ -44,6 +44,7 @@ def keep_cache_in_recomputed_layers(model):
 
 # ----------------------------------------------------------------------------------------------
 # The sampler
+
 
 def end_token_ids(model, tokenizer):
     """The token ids that end a completion: the tokenizer's EOS and every id of the model's
@@ -202,15 +203,14 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
                 for key, value in rollouts.items()}
 
 
-
 def unpadded(ids, mask):
     """The rows of a padded [N, L] tensor as N lists of token ids, without their padding."""
     return [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
 
 
-
 # ----------------------------------------------------------------------------------------------
 # The training forward pass: each prompt once, its keys and values shared by its completions
+
 
 def pack(prompts, completions, pad_id, device):
     """A training batch from N rows of token-id lists, row i = prompts[i] + completions[i]: each
@@ -313,6 +313,7 @@ def completion_hidden(model, batch):
 # ----------------------------------------------------------------------------------------------
 # Log-probabilities from hidden states: the output layer a chunk of positions at a time
 
+
 def output_logits(model, hidden):
     """The model's logits from its final hidden states [..., H] -> [..., V]: the output layer (tied
     to the embeddings or not), then what some models do to their final logits: Cohere multiplies
@@ -346,16 +347,18 @@ class ChunkedOutputLayer(torch.autograd.Function):
         tensors, parameters = tensors_and_parameters[:num_tensors], tensors_and_parameters[num_tensors:]
         needs_grad = context.needs_input_grad[3:]  # after the 3 non-tensor arguments above
         trained = [p for p, needs in zip(parameters, needs_grad[num_tensors:]) if needs]
-        outputs, jacobians = [], [[] for _ in tensors]
+        outputs, monitored, jacobians = [], [], [[] for _ in tensors]
         for start in range(0, tensors[0].shape[0] or 1, chunk_size):  # n = 0: one empty chunk
             chunk = [tensor[start:start + chunk_size].detach().requires_grad_(needs)
                      for tensor, needs in zip(tensors, needs_grad)]
             differentiated = [x for x in chunk if x.requires_grad]
             with torch.enable_grad():
-                output = function(*chunk)  # [c]
+                output = function(*chunk)  # [c], or ([c], [c, m] monitored values)
+                output, watched = output if isinstance(output, tuple) else (output, None)
                 grads = iter(torch.autograd.grad(output.sum(), differentiated)
                              if differentiated else ())
             outputs.append(output.detach())  # the chunk's logits are freed here
+            monitored.append(None if watched is None else watched.detach())
             for jacobian, x in zip(jacobians, chunk):
                 jacobian.append(next(grads) if x.requires_grad else None)
         context.function, context.chunk_size, context.trained = function, chunk_size, trained
@@ -363,10 +366,14 @@ class ChunkedOutputLayer(torch.autograd.Function):
         context.save_for_backward(*[torch.cat(rows) if rows[0] is not None else None
                                     for rows in jacobians],
                                   *(tensors if trained else ()))  # inputs: only to recompute
-        return torch.cat(outputs)
+        if monitored[0] is None:
+            return torch.cat(outputs)
+        monitored = torch.cat(monitored)
+        context.mark_non_differentiable(monitored)
+        return torch.cat(outputs), monitored
 
     @staticmethod
-    def backward(context, grad_output):  # grad_output: dL/dy [n]
+    def backward(context, grad_output, *_):  # grad_output: dL/dy [n]; none for monitored values
         saved, num_tensors = context.saved_tensors, context.num_tensors
         jacobians, tensors = saved[:num_tensors], saved[num_tensors:]  # tensors: if it trains
         tensor_grads = [None if jacobian is None else  # dL/dy_i times row i, in float32
@@ -378,7 +385,9 @@ class ChunkedOutputLayer(torch.autograd.Function):
             for start in range(0, tensors[0].shape[0], context.chunk_size):
                 chunk = [tensor[start:start + context.chunk_size].detach() for tensor in tensors]
                 with torch.enable_grad():
-                    grads = torch.autograd.grad(context.function(*chunk), context.trained,
+                    output = context.function(*chunk)
+                    output = output[0] if isinstance(output, tuple) else output
+                    grads = torch.autograd.grad(output, context.trained,
                                                 grad_output[start:start + context.chunk_size])
                 for total, grad in zip(parameter_grads, grads):
                     total += grad
@@ -392,6 +401,9 @@ def chunked_output_layer(function, tensors, chunk_size, parameters):
     """function(*chunk) on `chunk_size` rows of the [n, ...] `tensors` at a time; the chunks' [c]
     outputs concatenated: [n]. Output i may depend on row i of the tensors only. `parameters`: every
     parameter `function` uses (the output layer's); one left out gets no gradient if it trains.
+    `function` may also return a pair ([c] values, [c, m] monitored values): then the result is the
+    pair ([n], [n, m]), and the monitored values, computed from the same chunk's logits for a log,
+    have no gradient.
 
     The fused linear + loss of Liger-Kernel (its fused linear cross-entropy and JSD, there in
     Triton): `function` makes a chunk's logits from hidden states and reduces them to one number
@@ -430,13 +442,12 @@ def token_logprobs(model, batch, temperature=1.0, chunk_size=128):
     return torch.zeros(mask.shape, device=mask.device).masked_scatter(mask, logprobs)
 
 
-
 def compare_logits_in_chunks(function, student, student_hidden, teacher, teacher_hidden,
                              chunk_size=128):
     """function(student logits, teacher logits) at each of n positions: [n]. student_hidden,
     teacher_hidden: [n, H] final hidden states of the two models (the same model for OPSD's
     self-teacher), row i of both at the same completion token. `function` maps two [c, V] logits
-    to [c]. The logits exist `chunk_size` positions at a time (`chunked_output_layer`); the gradient
+    to [c], or to [c] and [c, m] monitored values (`chunked_output_layer`). The logits exist `chunk_size` positions at a time (`chunked_output_layer`); the gradient
     flows into the student only: the teacher's logits are a target, computed without gradient.
     Equal to the same function of the full logits: tests/test_fused_losses.py.
     """

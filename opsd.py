@@ -19,6 +19,23 @@ divergence capped at `--clip` 0.05 (its later version).
 
 The student prompt is the one sft.py and grpo.py use; the teacher prompt is `teacher_prompt` below.
 
+Where we differ from the authors' code (github.com/siyan-zhao/OPSD, opsd_trainer.py), and the
+switches that run it their way:
+- The cap: theirs caps each vocabulary entry (`jsd.clamp(max=token_clip)` on [B, T, V] terms), as
+  `--clip` does here; their help text says "for each token", which `--clip-per token` reads as
+  min(sum over the vocabulary, clip). See `pointwise_divergence`.
+- The mean: theirs is a token mean per sequence (one sequence per micro-batch), then a mean over
+  sequences (`--loss-norm sequence`); ours by default one token mean over the step (`token`).
+- Their teacher options add an exponential moving average of the student (`--teacher ema`,
+  `ema_update`) and a divergence over the teacher's top K tokens (`--teacher-top-k`, `top_k_logits`).
+- Their later versions let the teacher think (Qwen3's `enable_thinking`) and not the student:
+  `--teacher-thinking` (on, as theirs) and `--student-thinking` (off); a template without the switch
+  is unaffected.
+- Their learning rate decays linearly over 30 epochs, effectively constant over the paper's 100
+  steps: our default schedule here is constant too (the toy keeps its cosine decay).
+- We log what the student learns beside the loss: the uncapped divergence and the share of the
+  teacher's probability mass whose entries the cap removed (`uncapped_divergence`, `capped_mass`).
+
 Two options from PACED (Xu et al. 2026, arXiv 2603.11178): `--paced` weights each problem by how
 close the student is to solving it (`paced_weights`, which needs --num-generations >= 2 and the
 answer checker OPSD otherwise does without), and `--forward-then-reverse` trains the first half of
@@ -30,7 +47,7 @@ consolidate on them).
 """
 import argparse
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +61,8 @@ from lora import lora_disabled
 # gradient of exactly those tokens (see `divergence` and the README): 44.4% -> 47.8% with it,
 # 59.8% without (both measured when model.generate did the sampling).
 TOY_SETTINGS = {"steps": 150, "batch_size": 32, "lr": 1e-3, "lora_r": 16, "lora_alpha": 32,
-                "max_grad_norm": 1.0, "temperature": 0.7, "top_p": 1.0, "top_k": 0, "clip": 0.0}
+                "max_grad_norm": 1.0, "temperature": 0.7, "top_p": 1.0, "top_k": 0, "clip": 0.0,
+                "schedule": "cosine"}
 
 
 def teacher_prompt(question, solution):
@@ -60,15 +78,33 @@ def parse_args(argv=None):
     common.add_common_args(parser)
     add = parser.add_argument
     add("--num-generations", type=int, default=1, help="student completions per prompt")
-    add("--teacher", choices=["fixed", "current"], default="fixed",
-        help="fixed: the initial model (LoRA off); current: the weights being trained")
+    add("--teacher", choices=["fixed", "current", "ema"], default="fixed",
+        help="fixed: the initial model (LoRA off); current: the weights being trained; ema: an "
+             "exponential moving average of them (--ema-decay)")
+    add("--ema-decay", type=float, default=None,
+        help="--teacher ema's decay: teacher <- decay * teacher + (1 - decay) * student after each "
+             "step (with it, 0.999 if not given)")
+    add("--teacher-top-k", type=int, default=0,
+        help="the divergence over the teacher's top K tokens only, both distributions "
+             "renormalised over them (0: the whole vocabulary)")
     add("--loss", choices=["full", "sampled"], default="full",
         help="full: divergence over the vocabulary; sampled: per-token advantage on sampled tokens")
     add("--jsd-beta", type=float, default=0.0,
         help="generalized JSD weight beta: 0 forward KL(teacher||student), 1 reverse KL, 0.5 JSD "
              "(not grpo.py's --beta, a KL penalty)")
     add("--clip", type=float, default=0.05,
-        help="cap on each vocabulary entry of the pointwise divergence (0: no cap)")
+        help="cap on the pointwise divergence: on each vocabulary entry, as the authors' code "
+             "(or per token, --clip-per token); 0: no cap")
+    add("--clip-per", choices=["entry", "token"], default="entry",
+        help="entry: min(term_v, clip) for each vocabulary entry v; token: min(sum_v term_v, clip)")
+    add("--loss-norm", choices=["token", "sequence"], default="token",
+        help="token: one token mean over the step; sequence: a token mean per completion, then a "
+             "mean over completions (the authors' code)")
+    add("--teacher-thinking", action=argparse.BooleanOptionalAction, default=True,
+        help="the teacher's prompt with the chat template's thinking on (Qwen3's enable_thinking), "
+             "as the authors' code; a template without the switch is unaffected")
+    add("--student-thinking", action=argparse.BooleanOptionalAction, default=False,
+        help="the student's prompt (its rollouts and training) with thinking on")
     add("--paced", action="store_true",
         help="PACED: weight each problem by p^alpha (1 - p)^beta, p = the student's pass rate "
              "over its --num-generations rollouts")
@@ -78,17 +114,27 @@ def parse_args(argv=None):
         help="PACED's two stages: forward KL (--jsd-beta 0) for the first half of the steps, "
              "reverse KL (1) for the second")
     # The OPSD paper's settings; both logits of the divergence are divided by the temperature.
-    parser.set_defaults(lr=5e-6, max_grad_norm=0.1, temperature=1.1, top_p=0.95, top_k=20)
+    # Its code's schedule, linear decay over 30 epochs, is constant within 0.5% over its 100 steps.
+    parser.set_defaults(lr=5e-6, max_grad_norm=0.1, temperature=1.1, top_p=0.95, top_k=20,
+                        schedule="constant")
     args = common.parse_args(parser, argv, TOY_SETTINGS, ranges={
         "num_generations": (lambda v: v >= 1, "at least 1"),
         "jsd_beta": (lambda v: 0 <= v <= 1, "in [0, 1]: 0 forward KL, 1 reverse KL"),
         "clip": (lambda v: v >= 0, "at least 0 (0: no cap)"),
+        "ema_decay": (lambda v: v is None or 0 <= v < 1, "in [0, 1)"),
+        "teacher_top_k": (lambda v: v >= 0, "at least 0 (0: the whole vocabulary)"),
         "paced_alpha": (lambda v: v is None or v >= 0, "at least 0"),
         "paced_beta": (lambda v: v is None or v >= 0, "at least 0"),
         "temperature": (lambda v: v > 0, "positive: the student samples its completions and both "
                                          "distributions are softmax(logits / temperature)")})
     if not args.paced and (args.paced_alpha, args.paced_beta) != (None, None):
         raise common.InputError("--paced-alpha and --paced-beta are PACED's: give --paced too")
+    if args.ema_decay is not None and args.teacher != "ema":
+        raise common.InputError("--ema-decay is --teacher ema's: give that too")
+    if args.teacher == "ema":
+        args.ema_decay = 0.999 if args.ema_decay is None else args.ema_decay
+    if args.teacher_top_k and args.loss != "full":
+        raise common.InputError("--teacher-top-k restricts the full divergence: it needs --loss full")
     if args.paced:
         args.paced_alpha = 1.0 if args.paced_alpha is None else args.paced_alpha
         args.paced_beta = 1.0 if args.paced_beta is None else args.paced_beta
@@ -104,8 +150,10 @@ def parse_args(argv=None):
     return args
 
 
-def pointwise_divergence(student_logits, teacher_logits, beta, temperature, clip):
-    """Per-position divergence summed over the vocabulary: [..., V] logits -> [...].
+def pointwise_divergence(student_logits, teacher_logits, beta, temperature, clip,
+                         clip_per="entry"):
+    """Per-position divergence summed over the vocabulary: [..., V] logits -> three [...] tensors,
+    (the loss's divergence, the divergence uncapped, the teacher's probability mass the cap removed).
 
     With P_T = softmax(teacher / temperature), P_S = softmax(student / temperature):
         beta = 0:      KL(P_T || P_S) = sum_v P_T (log P_T - log P_S)     "forward"
@@ -115,24 +163,44 @@ def pointwise_divergence(student_logits, teacher_logits, beta, temperature, clip
     Forward KL is mass-covering (the student must put mass wherever the teacher does), reverse KL
     mode-seeking. JSD_beta tends to 0 as beta -> 0 or 1, so the two endpoints are *defined* as the
     plain KLs above (as in TRL's GKD): the loss is discontinuous there, on purpose.
-    clip > 0 caps each vocabulary entry from above before the sum: min(entry_v, clip). An entry is
-    negative where the other distribution puts more mass (forward KL: P_S(v) > P_T(v)) and is not
-    capped, so with the cap the sum, and the logged loss, can fall slightly below 0.
+
+    clip > 0 caps from above. clip_per "entry" (the authors' code: `jsd.clamp(max=token_clip)` on
+    the [B, T, V] terms) caps each vocabulary entry before the sum, sum_v min(term_v, clip); a term
+    is negative where the other distribution puts more mass (forward KL: P_S(v) > P_T(v)) and is
+    not capped, so the sum, and the logged loss, can fall slightly below 0. clip_per "token" (their
+    help text: "clip the JSD loss for each token") caps the sum, min(sum_v term_v, clip): a token
+    above the cap passes no gradient at all. The removed mass is sum_v P_T(v) over the capped
+    entries, or 1 for a capped token.
     """
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if beta == 0:
-        entries = log_p_teacher.exp() * (log_p_teacher - log_p_student)
+        terms = log_p_teacher.exp() * (log_p_teacher - log_p_student)
     elif beta == 1:
-        entries = log_p_student.exp() * (log_p_student - log_p_teacher)
+        terms = log_p_student.exp() * (log_p_student - log_p_teacher)
     else:
         log_mixture = torch.logaddexp(log_p_teacher + math.log(beta),
                                       log_p_student + math.log(1 - beta))  # log M, stably
-        entries = (beta * log_p_teacher.exp() * (log_p_teacher - log_mixture)
-                   + (1 - beta) * log_p_student.exp() * (log_p_student - log_mixture))
-    if clip > 0:
-        entries = entries.clamp(max=clip)  # a capped entry passes no gradient (see `divergence`)
-    return entries.sum(-1)
+        terms = (beta * log_p_teacher.exp() * (log_p_teacher - log_mixture)
+                 + (1 - beta) * log_p_student.exp() * (log_p_student - log_mixture))
+    uncapped = terms.sum(-1)
+    if clip <= 0:
+        return uncapped, uncapped.detach(), torch.zeros_like(uncapped)
+    if clip_per == "token":
+        capped = uncapped.detach() > clip
+        return uncapped.clamp(max=clip), uncapped.detach(), capped.float()
+    capped = terms.detach() > clip  # a capped entry passes no gradient (see `divergence`)
+    return (terms.clamp(max=clip).sum(-1), uncapped.detach(),
+            (log_p_teacher.detach().exp() * capped).sum(-1))
+
+
+def top_k_logits(student_logits, teacher_logits, k):
+    """The logits of the teacher's K most likely tokens at each position, student's and teacher's:
+    [..., V] -> [..., K] each. A divergence of these renormalises both distributions over the K
+    tokens (the authors' `top_k_loss`: `torch.topk(teacher_logits, k)`, then a gather of both and
+    log_softmax over the K), and ignores the rest of the vocabulary."""
+    top = teacher_logits.topk(min(k, teacher_logits.shape[-1]), dim=-1).indices
+    return student_logits.gather(-1, top), teacher_logits.gather(-1, top)
 
 
 def paced_weights(correct, group_size, alpha=1.0, beta=1.0):
@@ -152,8 +220,8 @@ def paced_weights(correct, group_size, alpha=1.0, beta=1.0):
     return (pass_rate ** alpha * (1 - pass_rate) ** beta).repeat_interleave(group_size)
 
 
-def divergence(student, student_hidden, teacher, teacher_hidden, token_weights, beta=0.0,
-               temperature=1.0, clip=0.0, chunk_size=128):
+def divergence(student, student_hidden, teacher, teacher_hidden, weights, beta=0.0,
+               temperature=1.0, clip=0.0, chunk_size=128, clip_per="entry", top_k=0):
     """Token mean over the completion of the full-vocabulary divergence D(P_T || P_S) (OPSD eq. for
     the full-distribution objective, arXiv 2601.18734; generalized JSD of GKD, arXiv 2306.13649):
 
@@ -162,23 +230,32 @@ def divergence(student, student_hidden, teacher, teacher_hidden, token_weights, 
     z^S_t, z^T_t: the student's and the teacher's logits at completion position t, from their final
     hidden states student_hidden, teacher_hidden [N, T, H] (`engine.completion_hidden`; position t
     predicts completion token t) through the output layers of the models `student` and `teacher`.
-    token_weights m: [N, T], 1 on completion tokens (EOS included) and 0 elsewhere, or with --paced
-    the row's `paced_weights` (a weighted mean). D is `pointwise_divergence` (the formulas, and
-    which direction is "forward"). Gradients flow into the student only. The logits exist a chunk
-    of positions at a time (`engine.compare_logits_in_chunks`), never as [N, T, V].
+    weights m: [N, T], 1 on completion tokens (EOS included) and 0 elsewhere, times the row's
+    `paced_weights` with --paced, over the row's length with --loss-norm sequence (`token_weights`).
+    D is `pointwise_divergence` (the formulas, the cap, which direction is "forward"), with top_k > 0
+    over the teacher's top K tokens only (`top_k_logits`). Gradients flow into the student only. The
+    logits exist a chunk of positions at a time (`engine.compare_logits_in_chunks`), never as
+    [N, T, V]. Returns (L, [2]: the same weighted means of the uncapped divergence and of the
+    teacher's mass the cap removed, for the log).
 
     The clip, and why it can hurt: a capped entry j has zero gradient of its own, but through the
     softmax the uncapped entries still push on z_j with d/dz_j = p_S(j) * P_T(uncapped) > 0, i.e.
     the student's logit of a token the teacher strongly prefers goes *down*. On real LLMs few
     entries exceed 0.05; on the toy, whose teacher and student disagree sharply on digits, many do.
     """
-    mask = token_weights > 0
-    per_position = engine.compare_logits_in_chunks(  # [n]: D at each weighted position
-        lambda student_logits, teacher_logits: pointwise_divergence(
-            student_logits, teacher_logits, beta, temperature, clip),
-        student, student_hidden[mask], teacher, teacher_hidden[mask], chunk_size)
-    weights = token_weights[mask].float()
-    return (per_position * weights).sum() / weights.sum().clamp(min=1e-8)
+    def per_position(student_logits, teacher_logits):  # [c, V] each -> [c], [c, 2]
+        if top_k:
+            student_logits, teacher_logits = top_k_logits(student_logits, teacher_logits, top_k)
+        loss, uncapped, capped_mass = pointwise_divergence(student_logits, teacher_logits, beta,
+                                                           temperature, clip, clip_per)
+        return loss, torch.stack([uncapped, capped_mass], -1)
+    mask = weights > 0
+    values, monitored = engine.compare_logits_in_chunks(  # [n], [n, 2]: at each weighted position
+        per_position, student, student_hidden[mask], teacher, teacher_hidden[mask], chunk_size)
+    position_weights = weights[mask].float()  # [n]
+    total = position_weights.sum().clamp(min=1e-8)
+    return ((values * position_weights).sum() / total,
+            (monitored * position_weights[:, None]).sum(0) / total)
 
 
 def sampled_token_loss(student_logprobs, teacher_logprobs, weights):
@@ -195,6 +272,20 @@ def sampled_token_loss(student_logprobs, teacher_logprobs, weights):
     return -(advantages * student_logprobs * weights).sum() / weights.sum().clamp(min=1e-8)
 
 
+def token_weights(row_weights, completion_mask, loss_norm):
+    """Each completion token's weight m in the step's loss: [N] row weights w (1, or PACED's) and
+    [N, T] completion mask -> [N, T]. The step's loss is sum m D / sum m over all its tokens:
+        token:     m_it = w_i            one token mean over the step (ours)
+        sequence:  m_it = w_i / |o_i|    sum_i w_i (mean_t D_it) / sum_i w_i, a mean of the
+                                         completions' token means (the authors' code, one
+                                         completion per micro-batch)
+    A long completion weighs more in the first, the same as a short one in the second."""
+    weights = row_weights[:, None] * completion_mask  # [N, T]
+    if loss_norm == "sequence":
+        weights = weights / completion_mask.sum(1, keepdim=True).clamp(min=1)
+    return weights
+
+
 def divergence_beta(args, step):
     """The generalized JSD's beta at a step: --jsd-beta, or with --forward-then-reverse PACED's two
     stages (arXiv 2603.11178): the forward KL (0) for the first half of the steps, the reverse KL
@@ -204,14 +295,51 @@ def divergence_beta(args, step):
     return args.jsd_beta
 
 
-def fixed_teacher(args, model):
-    """The fixed teacher, the initial model: (teacher, context to score it in). With LoRA the
-    student itself with LoRA switched off (no second copy); with --full a frozen copy loaded from
-    --model again (not the resumed weights); with --teacher current the student as it is."""
+def ema_update(ema, model, decay):
+    """The EMA teacher's update after each optimizer step (the authors' `_update_ema`):
+
+        theta_T <- decay * theta_T + (1 - decay) * theta_S
+
+    over the trainable parameters only (with LoRA the adapters, so it costs adapter-sized memory).
+    `ema` {name: tensor} is changed in place. As theirs, the first call copies theta_S: the average
+    starts from the weights after the first step, and before it the teacher is the student."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            if name in ema:
+                ema[name].mul_(decay).add_(parameter, alpha=1 - decay)
+            else:
+                ema[name] = parameter.detach().clone()
+
+
+@contextmanager
+def ema_weights(model, ema):
+    """The model with its trainable parameters' values swapped for their averages in `ema` (as the
+    authors' `_ema_teacher_context`), put back afterwards; as it is while `ema` is empty."""
+    saved = {}
+    for name, parameter in model.named_parameters():
+        if name in ema:
+            saved[name], parameter.data = parameter.data, ema[name]
+    try:
+        yield model
+    finally:
+        for name, parameter in model.named_parameters():
+            if name in saved:
+                parameter.data = saved[name]
+
+
+def teacher_model(args, run):
+    """The teacher: (model, context to score it in). fixed, the initial model: with LoRA the student
+    with LoRA switched off (no second copy), with --full a frozen copy loaded from --model again
+    (not the resumed weights); current: the student as it is; ema: the student with its trainable
+    weights' averages (`ema_weights`), kept in run.method_tensors and so in checkpoints."""
     if args.teacher == "current":
-        return model, nullcontext
+        return run.model, nullcontext
+    if args.teacher == "ema":
+        return run.model, lambda model: ema_weights(model, run.method_tensors)
     if not args.full:
-        return model, lora_disabled
+        return run.model, lora_disabled
     teacher, _ = common.load_model(args.model, args.dtype)
     return teacher.requires_grad_(False), nullcontext
 
@@ -220,18 +348,18 @@ def main(argv=None):
     args = parse_args(argv)
     run = common.start_run(args)
     model, tokenizer, group_size = run.model, run.tokenizer, args.num_generations
-    teacher, teacher_context = fixed_teacher(args, model)
+    teacher, teacher_context = teacher_model(args, run)
     while run.step < args.steps:
         examples = common.next_batch(run)
 
         # 1. The student samples its own completions from the problem alone.
-        rollouts = common.sample_rollouts(run, examples, group_size)
+        rollouts = common.sample_rollouts(run, examples, group_size, args.student_thinking)
 
         # 2. The teacher's prompt shows the reference solution; the completion tokens are the same.
         student_prompts = engine.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
         completions = engine.unpadded(rollouts["completion_ids"], rollouts["completion_mask"])
-        teacher_texts = [common.chat_prompt(tokenizer, teacher_prompt(e["question"], e["solution"]))
-                         for e in examples]
+        teacher_texts = [common.chat_prompt(tokenizer, teacher_prompt(e["question"], e["solution"]),
+                                            args.teacher_thinking) for e in examples]
         teacher_ids = tokenizer(teacher_texts, add_special_tokens=False)["input_ids"]
         teacher_prompts = [teacher_ids[i // group_size] for i in range(len(completions))]
 
@@ -242,10 +370,11 @@ def main(argv=None):
             metrics = {"pass_rate": common.global_mean(correct.float().mean().item()),
                        "paced_weight": common.global_mean(row_weights.mean().item())}
         # The step's completion tokens, each counted with its weight, on all ranks: the normaliser.
-        num_tokens = common.global_sum(float(row_weights @ rollouts["completion_mask"].sum(1).float()))
+        num_tokens = common.global_sum(float(token_weights(
+            row_weights, rollouts["completion_mask"], args.loss_norm).sum()))
         beta = divergence_beta(args, run.step)
         trained_rows = row_weights.nonzero().flatten().tolist()  # rows of weight 0: not trained
-        loss_sum, train_tokens = 0.0, 0
+        loss_sum, monitored_sum, train_tokens = 0.0, torch.zeros(2), 0
         for first in range(0, len(trained_rows), args.micro_batch_size):
             rows = trained_rows[first:first + args.micro_batch_size]
             student_batch = engine.pack([student_prompts[i] for i in rows],
@@ -258,12 +387,16 @@ def main(argv=None):
                 teacher_hidden = engine.completion_hidden(teacher, teacher_batch)  # [B, T, H]
             student_hidden = engine.completion_hidden(model, student_batch)  # [B, T, H]
             completion_mask = student_batch["completion_mask"]  # [B, T]
-            token_weights = row_weights[rows].to(model.device)[:, None] * completion_mask  # [B, T]
+            weights = token_weights(row_weights[rows].to(model.device), completion_mask,
+                                    args.loss_norm)  # [B, T]
             # 4. The loss on this micro-batch is a (weighted) token mean; weight it by its share of
             # the step's tokens so the step's loss is the token mean over all of them.
+            weight = float(weights.sum()) / num_tokens
             if args.loss == "full":
-                loss = divergence(model, student_hidden, teacher, teacher_hidden, token_weights,
-                                  beta, args.temperature, args.clip, args.chunk_size)
+                loss, monitored = divergence(model, student_hidden, teacher, teacher_hidden, weights,
+                                             beta, args.temperature, args.clip, args.chunk_size,
+                                             args.clip_per, args.teacher_top_k)
+                monitored_sum += monitored.cpu() * weight
             else:
                 mask = completion_mask.bool()
                 targets = student_batch["completion_ids"][mask]
@@ -272,13 +405,17 @@ def main(argv=None):
                         teacher, teacher_hidden[mask], targets, args.temperature, args.chunk_size)
                 student_logprobs = engine.target_logprobs(
                     model, student_hidden[mask], targets, args.temperature, args.chunk_size)
-                loss = sampled_token_loss(student_logprobs, teacher_logprobs, token_weights[mask])
-            weight = float(token_weights.sum()) / num_tokens
+                loss = sampled_token_loss(student_logprobs, teacher_logprobs, weights[mask])
             (loss * weight).backward()
             loss_sum += loss.item() * weight
             train_tokens += sum(int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
                                 for batch in (student_batch, teacher_batch))
         grad_norm = common.optimizer_step(run)
+        if args.teacher == "ema":
+            ema_update(run.method_tensors, model, args.ema_decay)
+        if args.loss == "full":  # what the student learns, beside the (capped) loss
+            uncapped, capped_mass = (common.global_sum(float(value)) for value in monitored_sum)
+            metrics.update(uncapped_divergence=uncapped, capped_mass=capped_mass)
         common.end_step(run, {
             "loss": common.global_sum(loss_sum), **metrics,
             "completion_length": common.global_mean(

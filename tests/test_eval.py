@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import common
+import opsd
+import sft
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "toy"))
 import compare  # noqa: E402  toy/compare.py
@@ -94,6 +96,17 @@ def test_eval_command_writes_the_metrics_of_a_model_and_adapter(toy, tmp_path):
     assert base["accuracy"] == common.evaluate(model, tokenizer, records, 64)["accuracy"]
 
 
+def test_evaluate_with_the_teacher_view_shows_the_reference_solution(toy, tmp_path):
+    model, tokenizer = toy
+    evaluate.main(["--view", "teacher", "--eval-n", "16", "--eval-k", "0", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "eval.json").read_text())
+    examples = common.load_examples("toy", "test")[:16]
+    teacher = common.evaluate(model, tokenizer, examples, 64, message=lambda e: opsd.teacher_prompt(
+        e["question"], e["solution"]))
+    assert result["view"] == "teacher" and result["correct"] == teacher["correct"]
+    assert result["accuracy"] > common.evaluate(model, tokenizer, examples, 64)["accuracy"]
+
+
 def fake_run(folder, method, before, after, generated_tokens, curve, args=None):
     folder.mkdir()
     summary = {"method": method, "before": before, "after": after, "steps": 10,
@@ -173,6 +186,51 @@ def test_compare_takes_sampled_metrics_from_a_later_evaluation_of_the_same_model
         compare.main([run, "--base", str(tmp_path / "a0")])
     with pytest.raises(common.InputError, match="no eval.json"):
         compare.main([run, "--base", str(tmp_path)])
+
+
+def test_compare_gives_paired_changes_with_95_percent_intervals(tmp_path, capsys):
+    before = {"accuracy": 0.5, "n": 4, "correct": [1, 0, 1, 0]}
+    runs = [fake_run(tmp_path / "a0", "alpha", before, {"accuracy": 0.75, "n": 4,
+                                                       "correct": [1, 1, 1, 0]}, 0, [(0, None)]),
+            fake_run(tmp_path / "a1", "alpha", before, {"accuracy": 0.5, "n": 4,
+                                                       "correct": [1, 1, 0, 0]}, 0, [(0, None)]),
+            fake_run(tmp_path / "b0", "beta", before, {"accuracy": 0.25, "n": 4,
+                                                      "correct": [0, 0, 1, 0]}, 0, [(0, None)])]
+    compare.main([*runs, "--plot", str(tmp_path / "compare.png")])
+    table = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+             for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    change = "change vs base (points, 95%)"
+    alpha, beta = (dict(zip(table["method"], table[name])) for name in ("alpha", "beta"))
+
+    def expected(differences):  # by hand: mean and 1.96 sd / sqrt(n) of per-problem differences
+        half = 1.96 * statistics.stdev(differences) / math.sqrt(len(differences))
+        return f"{100 * statistics.mean(differences):+.1f} ± {100 * half:.1f}"
+    # alpha's two seeds average to [1, 1, 0.5, 0] per problem, against the base's [1, 0, 1, 0]
+    assert alpha[change] == expected([0, 1, -0.5, 0])
+    assert beta[change] == expected([-1, 0, 0, 0])
+    assert table["alpha - beta"] == [expected([1, 1, -0.5, 0])]
+    assert dict(zip(table["method"], table["base (before)"]))[change] == "–"
+
+
+def test_runs_without_a_before_evaluation_are_compared_with_the_base_evaluation(tmp_path, capsys):
+    out = tmp_path / "sft"
+    sft.main(["--steps", "1", "--eval-n", "4", "--no-eval-before", "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["before"] is None and len(summary["after"]["correct"]) == 4
+    with pytest.raises(common.InputError, match="give --base"):
+        compare.main([str(out)])
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "eval.json").write_text(json.dumps(
+        {**summary["after"], "correct": [1 - c for c in summary["after"]["correct"]],
+         "accuracy": 1 - summary["after"]["accuracy"]}))  # the base solved just the others
+    compare.main([str(out), "--base", str(tmp_path / "base"), "--plot", str(tmp_path / "p.png")])
+    table = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+             for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    after = summary["after"]["correct"]
+    differences = [2 * c - 1 for c in after]  # +1 where the run is right, -1 where the base is
+    half = 1.96 * statistics.stdev(differences) / 2
+    assert dict(zip(table["method"], table["sft"]))["change vs base (points, 95%)"] == \
+        f"{100 * statistics.mean(differences):+.1f} ± {100 * half:.1f}"
 
 
 def test_compare_names_a_folder_without_a_summary(tmp_path):

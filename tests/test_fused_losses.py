@@ -125,13 +125,13 @@ def test_opsd_divergence_equals_the_unfused_one(kind, lora, beta, clip):
             teacher_hidden = engine.completion_hidden(teacher, teacher_batch)
         return opsd.divergence(model, engine.completion_hidden(model, student_batch), teacher,
                                teacher_hidden, completion_mask, beta, temperature, clip,
-                               chunk_size=2)
+                               chunk_size=2)[0]
 
     def unfused():
         with torch.no_grad(), teacher_context(teacher):
             teacher_logits = unfused_logits(teacher, teacher_prompts, completions)
         per_position = opsd.pointwise_divergence(unfused_logits(model, prompts, completions),
-                                                 teacher_logits, beta, temperature, clip)  # [N, T]
+                                                 teacher_logits, beta, temperature, clip)[0]
         return (per_position * completion_mask).sum() / completion_mask.sum()
 
     assert_same(model, fused, unfused)

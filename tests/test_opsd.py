@@ -50,9 +50,9 @@ class LogitsModel:
 
 
 def logit_divergence(student_logits, teacher_logits, mask, *args, **kwargs):
-    """opsd.divergence given logits rather than hidden states: identity output layers."""
+    """opsd.divergence's loss given logits rather than hidden states: identity output layers."""
     return opsd.divergence(LogitsModel, student_logits, LogitsModel, teacher_logits, mask,
-                           *args, **kwargs)
+                           *args, **kwargs)[0]
 
 
 def random_logits(N=3, T=5, V=7, seed=0):
@@ -160,6 +160,106 @@ def test_weighted_divergence_is_the_weighted_mean_of_the_rows():
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
+def slow_terms(student_logits, teacher_logits, temperature):
+    """Forward-KL terms P_T(v) log(P_T(v) / P_S(v)) of one position, in float64, and P_T."""
+    p_student = torch.softmax(student_logits.double() / temperature, -1)
+    p_teacher = torch.softmax(teacher_logits.double() / temperature, -1)
+    return [(q * math.log(q / s_)).item() for q, s_ in zip(p_teacher, p_student)], p_teacher
+
+
+def test_per_token_cap_caps_each_sum_and_passes_no_gradient_above_it():
+    student, teacher, mask = random_logits()
+    leaf = student.clone().requires_grad_()
+    clip = 1.5
+    loss = logit_divergence(leaf, teacher, mask, 0.0, 1.0, clip, clip_per="token")
+    loss.backward()
+    sums = {(i, t): sum(slow_terms(student[i, t], teacher[i, t], 1.0)[0])
+            for i in range(3) for t in range(5) if mask[i, t]}
+    assert 0 < sum(value > clip for value in sums.values()) < len(sums)  # the cap acts, not everywhere
+    expected = sum(min(value, clip) for value in sums.values()) / len(sums)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    for (i, t), value in sums.items():  # a capped token passes no gradient; the others do
+        assert (leaf.grad[i, t].abs().max() == 0) == (value > clip)
+
+
+@pytest.mark.parametrize("clip_per", ["entry", "token"])
+def test_monitored_uncapped_divergence_and_capped_mass(clip_per):
+    student, teacher, mask = random_logits()
+    clip = 0.05 if clip_per == "entry" else 1.5
+    _, monitored = opsd.divergence(LogitsModel, student, LogitsModel, teacher, mask, 0.0, 1.0, clip,
+                                   clip_per=clip_per)
+    uncapped, masses = [], []
+    for i, t in [(i, t) for i in range(3) for t in range(5) if mask[i, t]]:
+        terms, p_teacher = slow_terms(student[i, t], teacher[i, t], 1.0)
+        uncapped.append(sum(terms))
+        if clip_per == "entry":  # the teacher's mass on the capped entries
+            masses.append(sum(q.item() for q, term in zip(p_teacher, terms) if term > clip))
+        else:  # a capped token loses all of it
+            masses.append(float(sum(terms) > clip))
+    assert monitored[0].item() == pytest.approx(sum(uncapped) / len(uncapped), rel=1e-5)
+    assert monitored[1].item() == pytest.approx(sum(masses) / len(masses), rel=1e-5)
+    assert 0 < monitored[1].item() < 1
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_teacher_top_k_is_the_divergence_over_the_teachers_top_tokens_renormalised(beta):
+    student, teacher, mask = random_logits(V=9)
+    k = 3
+    got = logit_divergence(student, teacher, mask, beta, 0.8, 0.0, top_k=k)
+    top = [[sorted(range(9), key=lambda v: -teacher[i, t, v].item())[:k] for t in range(5)]
+           for i in range(3)]  # the teacher's k largest logits, by sorting
+    pick = torch.tensor(top)  # [N, T, k]
+    expected = slow_divergence(student.gather(-1, pick), teacher.gather(-1, pick), mask, beta, 0.8,
+                               0.0)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert got.item() != pytest.approx(logit_divergence(student, teacher, mask, beta, 0.8).item())
+
+
+def test_sequence_norm_is_the_mean_of_the_completions_token_means():
+    student, teacher, mask = random_logits()
+    row_weights = torch.tensor([1.0, 1.0, 0.5])
+    got = logit_divergence(student, teacher, opsd.token_weights(row_weights, mask, "sequence"),
+                           0.0, 1.0, 0.0)
+    rows = [slow_divergence(student[i:i + 1], teacher[i:i + 1], mask[i:i + 1], 0.0, 1.0, 0.0)
+            for i in range(3)]  # each completion's token mean
+    assert got.item() == pytest.approx((rows[0] + rows[1] + 0.5 * rows[2]) / 2.5, rel=1e-5)
+    token = logit_divergence(student, teacher, opsd.token_weights(row_weights, mask, "token"),
+                             0.0, 1.0, 0.0)
+    assert token.item() != pytest.approx(got.item())  # rows of unequal length weigh otherwise
+
+
+def test_ema_update_and_the_swapped_weights_by_hand():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    model[0].requires_grad_(False)  # frozen: not averaged (LoRA's base)
+    ema = {}
+    opsd.ema_update(ema, model, 0.9)  # the first call copies the weights
+    assert set(ema) == {"1.weight", "1.bias"}
+    start = model[1].weight.detach().clone()
+    with torch.no_grad():
+        model[1].weight += 1.0
+    opsd.ema_update(ema, model, 0.9)
+    assert torch.allclose(ema["1.weight"], 0.9 * start + 0.1 * (start + 1.0))
+    trained = model[1].weight.detach().clone()
+    with opsd.ema_weights(model, ema):
+        assert torch.equal(model[1].weight, ema["1.weight"])
+    assert torch.equal(model[1].weight, trained)
+
+
+def test_thinking_is_chosen_per_prompt_where_the_template_has_the_switch(toy):
+    _, tokenizer = toy
+    message = "What is 2+3?"
+    assert common.chat_prompt(tokenizer, message, True) == common.chat_prompt(tokenizer, message)
+    tokenizer.chat_template = ("{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
+                               "<|assistant|>{% if not enable_thinking %}<think></think>{% endif %}")
+    assert common.chat_prompt(tokenizer, message, True) == f"<|user|>{message}<|assistant|>"
+    assert common.chat_prompt(tokenizer, message) == f"<|user|>{message}<|assistant|><think></think>"
+
+
+def test_the_schedule_is_constant_on_a_real_model_and_cosine_on_the_toy():
+    assert opsd.parse_args(["--model", "some/model"]).schedule == "constant"
+    assert opsd.parse_args([]).schedule == "cosine"
+
+
 def test_paced_trains_the_rows_of_problems_at_the_frontier_and_the_schedule_switches_kl(
         tmp_path, monkeypatch):
     weights, trained_rows, betas = [], [], []  # per step
@@ -253,7 +353,7 @@ def heldout_divergence(student, teacher, tokenizer, examples, rollouts):
         student_hidden = engine.completion_hidden(student, engine.pack(student_prompts, completions,
                                                                        pad, "cpu"))
         return opsd.divergence(student, student_hidden, teacher, teacher_hidden,
-                               rollouts["completion_mask"], temperature=0.7).item()
+                               rollouts["completion_mask"], temperature=0.7)[0].item()
 
 
 def test_short_toy_run_lowers_the_divergence_on_held_out_rollouts(tmp_path, toy):
@@ -277,9 +377,12 @@ def test_short_toy_run_lowers_the_divergence_on_held_out_rollouts(tmp_path, toy)
     assert summary["method"] == "opsd" and summary["generated_tokens"] == rows[-1]["generated_tokens"] > 0
 
 
-def test_resume_after_a_crash_samples_and_trains_exactly_as_without_one(tmp_path, crash_after):
-    # the rollouts are sampled: the RNG state must come back with the checkpoint
-    args = ["--steps", "4", "--batch-size", "4", "--save-every", "2", "--eval-n", "4"]
+@pytest.mark.parametrize("teacher", [[], ["--teacher", "ema", "--ema-decay", "0.5"]])
+def test_resume_after_a_crash_samples_and_trains_exactly_as_without_one(teacher, tmp_path,
+                                                                         crash_after):
+    # the rollouts are sampled: the RNG state must come back with the checkpoint (and the EMA
+    # teacher's weights, which no other file holds)
+    args = ["--steps", "4", "--batch-size", "4", "--save-every", "2", "--eval-n", "4"] + teacher
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     opsd.main(args + ["--out", str(straight)])
 
@@ -293,6 +396,7 @@ def test_resume_after_a_crash_samples_and_trains_exactly_as_without_one(tmp_path
     assert [row["step"] for row in metrics(broken)] == [1, 2, 3, 4]
     for a, b in zip(metrics(straight), metrics(broken)):
         assert a["loss"] == b["loss"] and a["generated_tokens"] == b["generated_tokens"]
+        assert a["capped_mass"] == 0 and a["uncapped_divergence"] == pytest.approx(a["loss"])  # clip 0
     adapter_a = load_file(common.latest_checkpoint(straight) / "adapter_model.safetensors")
     adapter_b = load_file(common.latest_checkpoint(broken) / "adapter_model.safetensors")
     assert all(torch.equal(adapter_a[k], adapter_b[k]) for k in adapter_a)

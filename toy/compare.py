@@ -17,6 +17,7 @@ evaluated once afterwards, the real-model study's way:
 import argparse
 import importlib.util
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -64,6 +65,25 @@ def spread(values, scale=1.0, digits=1):
     return text + (f" ± {statistics.stdev(values):,.{digits}f}" if len(values) > 1 else "")
 
 
+def per_problem(results):
+    """Each held-out problem's greedy accuracy, averaged over the runs' results (seeds): [n], or
+    None when a result has no per-problem record (`common.evaluate`'s "correct"; older runs)."""
+    if not results or any("correct" not in result for result in results):
+        return None
+    return [statistics.mean(column) for column in zip(*(result["correct"] for result in results))]
+
+
+def paired_change(first, second):
+    """first - second on the same problems, in points, with its 95% interval: the mean of the
+    per-problem differences d_i, +- 1.96 sd(d) / sqrt(n) (the normal approximation; a paired
+    comparison, so what two runs both solve or both miss adds no noise). 'mean ± half width'."""
+    if first is None or second is None or len(first) != len(second):
+        return "–"
+    differences = [a - b for a, b in zip(first, second)]
+    half_width = 1.96 * statistics.stdev(differences) / math.sqrt(len(differences))
+    return f"{100 * statistics.mean(differences):+.1f} ± {100 * half_width:.1f}"
+
+
 # Arguments that do not change what a run learns: runs that differ only in these are one group.
 NOT_SETTINGS = {"seed", "out", "resume", "overwrite", "save_every", "keep_checkpoints",
                 "eval_every", "micro_batch_size", "chunk_size", "eval_batch_size",
@@ -94,6 +114,14 @@ def compare_command(args):
     if args.base and not (Path(args.base) / "eval.json").is_file():
         raise common.InputError(f"--base {args.base}: no eval.json (write one with toy/evaluate.py "
                                 "--out there)")
+    base_result = json.loads((Path(args.base) / "eval.json").read_text()) if args.base else None
+    for summary, _ in runs:  # a run trained with --no-eval-before starts from --base's result
+        if summary["before"] is None and base_result is None:
+            raise common.InputError(f"{summary['args']['out']}: not evaluated before training "
+                                    "(--no-eval-before): give --base")
+        summary["before"] = summary["before"] or {key: base_result[key] for key in
+                                                  ("accuracy", "format", "n", "correct")
+                                                  if key in base_result}
     methods = {"base (before)": [({**summary, "generated_tokens": 0, "train_tokens": 0,
                                    "wall_seconds": 0, "eval_seconds": 0,
                                    "after": later_evaluation(args.base, summary["before"])
@@ -104,18 +132,28 @@ def compare_command(args):
     k = max(summary["after"].get("k", 0) for summary, _ in runs)
     accuracies = ["accuracy", "format"] + ([f"mean@{k}", f"pass@{k}", f"maj@{k}", f"format@{k}"]
                                            if k else [])
-    header = (["method", "runs", "greedy accuracy (%)", "greedy format (%)"]
+    header = (["method", "runs", "greedy accuracy (%)", "change vs base (points, 95%)",
+               "greedy format (%)"]
               + [f"{name} (%)" for name in accuracies[2:]]
               + ["generated tokens", "training tokens", "wall time w/o eval (s)"])
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    base = per_problem([summary["before"] for summary, _ in runs])
+    problems = {}  # method -> per-problem accuracy after, averaged over its runs
     for method, group in methods.items():
         summaries = [summary for summary, _ in group]
+        problems[method] = per_problem([s["after"] for s in summaries])
         cells = [spread([s["after"].get(name) for s in summaries], 100) for name in accuracies]
+        cells.insert(1, "–" if method == "base (before)" else paired_change(problems[method], base))
         cells += [spread([s[key] for s in summaries], digits=0)
                   for key in ["generated_tokens", "train_tokens"]]
         cells.append(spread([s["wall_seconds"] - s.get("eval_seconds", 0) for s in summaries],
                             digits=0))  # evaluation time left out: every run evaluates alike
         lines.append(f"| {method} | {len(group)} | " + " | ".join(cells) + " |")
+    names = list(problems)[1:]
+    if len(names) > 1:  # each pair of methods on the same problems
+        lines += ["", "| pair of methods | first - second (points, 95%) |", "| --- | --- |"]
+        lines += [f"| {first} - {second} | {paired_change(problems[first], problems[second])} |"
+                  for i, first in enumerate(names) for second in names[i + 1:]]
     print("\n".join(lines))
     if importlib.util.find_spec("matplotlib") is None:
         print("(matplotlib is not installed: no plot)")

@@ -2,6 +2,7 @@
 
     python toy/evaluate.py                       # the toy base on the toy test split, k = 8
     python toy/evaluate.py --adapter out/opsd/checkpoint-000150 --eval-temperature 0.7
+    python toy/evaluate.py --view teacher --eval-k 0   # with the reference solution in view
     torchrun --nproc-per-node 2 toy/evaluate.py  # the problems shared out among the processes
 
 The metrics are common.evaluate's, the same the training scripts report before and after training,
@@ -15,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+import opsd  # noqa: E402
 from lora import load_lora  # noqa: E402
 
 
@@ -31,10 +33,14 @@ def evaluate_model(args):
     model, tokenizer = common.load_model(args.model, args.dtype)
     if args.adapter:
         load_lora(model, args.adapter)
+    teacher_view = args.view == "teacher"  # OPSD's premise: how much better the teacher answers
     result = common.evaluate(model, tokenizer, examples, args.max_new_tokens,
                              args.eval_batch_size, k=args.eval_k,
-                             temperature=args.eval_temperature, seed=args.seed)
-    result.update(model=args.model, adapter=args.adapter, data=args.data, split=args.split)
+                             temperature=args.eval_temperature, seed=args.seed,
+                             message=(lambda e: opsd.teacher_prompt(e["question"], e["solution"]))
+                             if teacher_view else None)
+    result.update(model=args.model, adapter=args.adapter, data=args.data, split=args.split,
+                  view=args.view)
     if common.rank() == 0:
         (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     print(common.describe(result))
@@ -49,6 +55,8 @@ def main(argv=None):
     add("--data", default="toy", help="'toy' (its test split) or a local .jsonl/.json file")
     add("--split", choices=["all", "test"], default="all",
         help="of a file: all records, or the held-out slice the training scripts keep")
+    add("--view", choices=["student", "teacher"], default="student",
+        help="the problem alone, or OPSD's teacher prompt with the reference solution shown")
     add("--eval-k", type=int, default=8, help="samples per problem (0: greedy accuracy only)")
     add("--eval-temperature", type=float, default=1.0, help="sampling temperature of --eval-k")
     add("--max-new-tokens", type=int, default=1024, help="longest completion, in tokens")
