@@ -78,7 +78,8 @@ def test_short_run_lowers_loss_and_writes_outputs(tmp_path):
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_second"} <= set(row)
     summary = json.loads((out / "summary.json").read_text())
     for key in ("before", "after"):
-        assert set(summary[key]) == {"accuracy", "format", "n"} and summary[key]["n"] == 3  # 10% of 38
+        assert set(summary[key]) == {"accuracy", "format", "n", "correct"}
+        assert summary[key]["n"] == 3 == len(summary[key]["correct"])  # 10% of 38
     assert summary["steps"] == 24 and summary["train_tokens"] > 0 and summary["generated_tokens"] == 0
     assert summary["wall_seconds"] > 0
     checkpoint = common.latest_checkpoint(out)
