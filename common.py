@@ -378,6 +378,27 @@ def compute_dtype(dtype, device):
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
 
 
+def model_folder(name_or_path):
+    """--model as transformers takes it: 'toy' is the built-in model's folder."""
+    return str(TOY_DIR / "model") if name_or_path == "toy" else name_or_path
+
+
+def cannot_load(name_or_path, error):
+    """The one line for a model that does not load: an InputError to raise."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return InputError(f"cannot load model '{name_or_path}': not a model folder here and not a "
+                      f"downloadable Hugging Face model id ({reason})")
+
+
+def load_tokenizer(name_or_path):
+    """The tokenizer of a model folder or Hugging Face id; one line if there is none."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_folder(name_or_path))
+    except (OSError, ValueError) as error:
+        raise cannot_load(name_or_path, error) from None
+
+
 def load_model(name_or_path="toy", dtype="auto", full=False, gradient_checkpointing=False,
                device=None):
     """Load (model, tokenizer) to compute in `dtype`; Flash Attention 2 when installed, else SDPA.
@@ -388,22 +409,19 @@ def load_model(name_or_path="toy", dtype="auto", full=False, gradient_checkpoint
     resolution of 2^-8 relative). Otherwise the frozen base is stored in `dtype` and LoRA keeps its
     own weights in float32 (lora.py).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import, only when needed
+    from transformers import AutoModelForCausalLM  # slow import, only when needed
     from transformers.utils.logging import disable_progress_bar
     disable_progress_bar()  # per-file loading bars would drown the one-line-per-step log
-    path = str(TOY_DIR / "model") if name_or_path == "toy" else name_or_path
+    tokenizer, path = load_tokenizer(name_or_path), model_folder(name_or_path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = compute_dtype(dtype, device)
     has_flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32 if full else dtype,
             attn_implementation="flash_attention_2" if has_flash else "sdpa")
     except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"cannot load model '{name_or_path}': not a model folder here and not a "
-                         f"downloadable Hugging Face model id ({reason})") from None
+        raise cannot_load(name_or_path, error) from None
     unsupported = engine.unsupported_cache_layers(model)
     if unsupported:
         raise InputError(f"cannot use model '{name_or_path}': its KV cache has {', '.join(unsupported)}"
@@ -650,14 +668,16 @@ def judge(texts, examples, group_size):
 # A step's rollouts
 
 
-def sample_rollouts(run, examples, num_samples, thinking=False):
-    """num_samples completions per example from its student prompt (`chat_prompt`), in one
-    `engine.generate` call with the script's sampling flags (see its docstring for what it returns).
-    Adds the tokens generated on all ranks to state["generated_tokens"], the sampling cost methods
-    are compared on."""
+def sample_rollouts(run, examples, num_samples, thinking=False, model=None, message=None):
+    """num_samples completions per example, in one `engine.generate` call with the script's
+    sampling flags (see its docstring for what it returns), from the run's model, or `model`, given
+    message(example) (default `student_message`, the problem alone) in the chat template. Adds the
+    tokens generated on all ranks to state["generated_tokens"], the sampling cost methods are
+    compared on."""
     args = run.args
-    prompts = [chat_prompt(run.tokenizer, student_message(e), thinking) for e in examples]
-    rollouts = engine.generate(run.model, run.tokenizer, prompts, args.max_new_tokens,
+    prompts = [chat_prompt(run.tokenizer, (message or student_message)(e), thinking)
+               for e in examples]
+    rollouts = engine.generate(model or run.model, run.tokenizer, prompts, args.max_new_tokens,
                                args.temperature, args.top_p, args.top_k, num_samples)
     run.state["generated_tokens"] += global_sum(rollouts["num_generated_tokens"])  # of all ranks
     return rollouts
@@ -971,8 +991,7 @@ def save_checkpoint(run):
         if args.full:
             model.save_pretrained(tmp)
         else:  # PEFT's AutoPeftModel loads the base from the path or hub id recorded here
-            save_lora(model, tmp, base_model=str(TOY_DIR / "model") if args.model == "toy"
-                      else args.model)
+            save_lora(model, tmp, base_model=model_folder(args.model))
         run.tokenizer.save_pretrained(tmp)  # the folder alone is enough to evaluate or serve it
         torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                     "rng": rng_states, "method_tensors": run.method_tensors},

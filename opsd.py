@@ -84,6 +84,15 @@ def parse_args(argv=None):
     add("--ema-decay", type=float, default=None,
         help="--teacher ema's decay: teacher <- decay * teacher + (1 - decay) * student after each "
              "step (with it, 0.999 if not given)")
+    add("--teacher-model", default=None,
+        help="a separate teacher: a model folder or id, frozen, in --dtype, without LoRA; its "
+             "tokenizer must be the student's (none: the student itself, --teacher)")
+    add("--teacher-prompt", choices=["solution", "plain"], default="solution",
+        help="what the teacher sees: OPSD's prompt with the reference solution, or the student's "
+             "own prompt (on-policy distillation)")
+    add("--teacher-rollout-steps", type=int, default=0,
+        help="the first N steps train on the teacher's own samples (off-policy, forward KL), then "
+             "on the student's: the sparse-to-dense bridge (0: the student's from the start)")
     add("--teacher-top-k", type=int, default=0,
         help="the divergence over the teacher's top K tokens only, both distributions "
              "renormalised over them (0: the whole vocabulary)")
@@ -123,6 +132,7 @@ def parse_args(argv=None):
         "clip": (lambda v: v >= 0, "at least 0 (0: no cap)"),
         "ema_decay": (lambda v: v is None or 0 <= v < 1, "in [0, 1)"),
         "teacher_top_k": (lambda v: v >= 0, "at least 0 (0: the whole vocabulary)"),
+        "teacher_rollout_steps": (lambda v: v >= 0, "at least 0"),
         "paced_alpha": (lambda v: v is None or v >= 0, "at least 0"),
         "paced_beta": (lambda v: v is None or v >= 0, "at least 0"),
         "temperature": (lambda v: v > 0, "positive: the student samples its completions and both "
@@ -133,6 +143,13 @@ def parse_args(argv=None):
         raise common.InputError("--ema-decay is --teacher ema's: give that too")
     if args.teacher == "ema":
         args.ema_decay = 0.999 if args.ema_decay is None else args.ema_decay
+    if args.teacher_model and args.teacher != "fixed":
+        raise common.InputError("--teacher chooses among the student's own weights: with "
+                                "--teacher-model it cannot be given")
+    if args.teacher_rollout_steps and (args.loss != "full" or args.paced):
+        raise common.InputError("--teacher-rollout-steps trains on the teacher's samples: the "
+                                "sampled loss and --paced's pass rates are of the student's own, "
+                                "so it needs --loss full and no --paced")
     if args.teacher_top_k and args.loss != "full":
         raise common.InputError("--teacher-top-k restricts the full divergence: it needs --loss full")
     if args.paced:
@@ -333,7 +350,12 @@ def teacher_model(args, run):
     """The teacher: (model, context to score it in). fixed, the initial model: with LoRA the student
     with LoRA switched off (no second copy), with --full a frozen copy loaded from --model again
     (not the resumed weights); current: the student as it is; ema: the student with its trainable
-    weights' averages (`ema_weights`), kept in run.method_tensors and so in checkpoints."""
+    weights' averages (`ema_weights`), kept in run.method_tensors and so in checkpoints. With
+    --teacher-model: that model, frozen, in --dtype, without LoRA (its weights and one forward pass
+    without gradients are what it adds to memory)."""
+    if args.teacher_model:
+        teacher, _ = common.load_model(args.teacher_model, args.dtype)
+        return teacher.requires_grad_(False), nullcontext
     if args.teacher == "current":
         return run.model, nullcontext
     if args.teacher == "ema":
@@ -344,31 +366,78 @@ def teacher_model(args, run):
     return teacher.requires_grad_(False), nullcontext
 
 
+def check_teacher_tokenizer(student, teacher):
+    """A separate teacher scores the student's own token ids, and the divergence compares the two
+    distributions entry by entry: the teacher's tokenizer must have the student's vocabulary, the
+    same token for the same id. Refused in one line otherwise."""
+    student_vocabulary, teacher_vocabulary = (common.load_tokenizer(name).get_vocab()
+                                              for name in (student, teacher))
+    if teacher_vocabulary != student_vocabulary:
+        raise common.InputError(
+            f"--teacher-model {teacher}: its tokenizer does not give --model {student}'s token ids "
+            f"({len(teacher_vocabulary):,} entries against {len(student_vocabulary):,}): "
+            "distillation over the vocabulary needs the same tokenizer")
+
+
+def teacher_message(view):
+    """What the teacher is shown, as a function of the example: OPSD's prompt with the reference
+    solution (`teacher_prompt`), or the student's own prompt (on-policy distillation, GKD)."""
+    if view == "plain":
+        return common.student_message
+    return lambda example: teacher_prompt(example["question"], example["solution"])
+
+
+def prompt_ids(tokenizer, examples, message, thinking, group_size):
+    """Each rollout's prompt as token ids: message(example) in the chat template, the group_size
+    rollouts of an example adjacent (as `common.sample_rollouts` returns them)."""
+    texts = [common.chat_prompt(tokenizer, message(example), thinking) for example in examples]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [ids[i // group_size] for i in range(len(examples) * group_size)]
+
+
+def step_rollouts(run, examples, teacher, teacher_context):
+    """The step's completions and who sampled them. The student's own from the problem alone
+    (on-policy); in the first --teacher-rollout-steps steps the teacher's, from the teacher's own
+    prompt: the forward KL on them is a dense, off-policy warm-up, the first stage of the
+    sparse-to-dense bridge (after it the student samples: on-policy distillation)."""
+    args = run.args
+    if run.step >= args.teacher_rollout_steps:
+        return common.sample_rollouts(run, examples, args.num_generations,
+                                      args.student_thinking), "student"
+    with teacher_context(teacher):
+        return common.sample_rollouts(run, examples, args.num_generations, args.teacher_thinking,
+                                      model=teacher, message=teacher_message(args.teacher_prompt)), \
+            "teacher"
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.teacher_model:  # before anything slow: one line if it cannot score the student's ids
+        check_teacher_tokenizer(args.model, args.teacher_model)
     run = common.start_run(args)
     model, tokenizer, group_size = run.model, run.tokenizer, args.num_generations
     teacher, teacher_context = teacher_model(args, run)
     while run.step < args.steps:
         examples = common.next_batch(run)
 
-        # 1. The student samples its own completions from the problem alone.
-        rollouts = common.sample_rollouts(run, examples, group_size, args.student_thinking)
+        # 1. The student samples its own completions from the problem alone (or, in the bridge's
+        # first --teacher-rollout-steps steps, the teacher from its own prompt).
+        rollouts, sampler = step_rollouts(run, examples, teacher, teacher_context)
 
         # 2. The teacher's prompt shows the reference solution; the completion tokens are the same.
-        student_prompts = engine.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
         completions = engine.unpadded(rollouts["completion_ids"], rollouts["completion_mask"])
-        teacher_texts = [common.chat_prompt(tokenizer, teacher_prompt(e["question"], e["solution"]),
-                                            args.teacher_thinking) for e in examples]
-        teacher_ids = tokenizer(teacher_texts, add_special_tokens=False)["input_ids"]
-        teacher_prompts = [teacher_ids[i // group_size] for i in range(len(completions))]
+        student_prompts = prompt_ids(tokenizer, examples, common.student_message,
+                                     args.student_thinking, group_size)
+        teacher_prompts = prompt_ids(tokenizer, examples, teacher_message(args.teacher_prompt),
+                                     args.teacher_thinking, group_size)
 
-        row_weights, metrics = torch.ones(len(completions)), {}  # [N]
+        row_weights = torch.ones(len(completions))  # [N]
+        metrics = {"rollouts": sampler} if args.teacher_rollout_steps else {}
         if args.paced:  # PACED: each rollout weighted by its problem's pass rate
             correct = common.judge(rollouts["texts"], examples, group_size)  # [N]
             row_weights = paced_weights(correct, group_size, args.paced_alpha, args.paced_beta)
-            metrics = {"pass_rate": common.global_mean(correct.float().mean().item()),
-                       "paced_weight": common.global_mean(row_weights.mean().item())}
+            metrics.update(pass_rate=common.global_mean(correct.float().mean().item()),
+                           paced_weight=common.global_mean(row_weights.mean().item()))
         # The step's completion tokens, each counted with its weight, on all ranks: the normaliser.
         num_tokens = common.global_sum(float(token_weights(
             row_weights, rollouts["completion_mask"], args.loss_norm).sum()))

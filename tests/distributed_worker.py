@@ -21,12 +21,12 @@ import common  # noqa: E402
 sample_rollouts = common.sample_rollouts
 
 
-def seeded_rollouts(run, examples, num_samples, thinking=False):
+def seeded_rollouts(run, examples, *args, **kwargs):
     """common.sample_rollouts, one question at a time, each from the seed of its question text."""
     parts = []
     for example in examples:
         torch.manual_seed(zlib.crc32(example["question"].encode()))
-        parts.append(sample_rollouts(run, [example], num_samples, thinking))
+        parts.append(sample_rollouts(run, [example], *args, **kwargs))
     pad = run.tokenizer.pad_token_id
     prompt_width = max(part["prompt_ids"].shape[1] for part in parts)
     completion_width = max(part["completion_ids"].shape[1] for part in parts)

@@ -160,6 +160,63 @@ def test_weighted_divergence_is_the_weighted_mean_of_the_rows():
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
+def other_teacher(folder, vocabulary_changed=False):
+    """A teacher folder: the toy model with other weights (and, if asked, another tokenizer)."""
+    model, tokenizer = common.load_model("toy")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    if vocabulary_changed:
+        tokenizer.add_tokens(["<extra>"])
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_separate_teacher_scores_with_its_own_weights(tmp_path, monkeypatch):
+    teacher_folder = other_teacher(tmp_path / "teacher")
+    seen, real_divergence = [], opsd.divergence
+
+    def record(student, student_hidden, teacher, teacher_hidden, *args, **kwargs):
+        seen.append((student, teacher, teacher_hidden))
+        return real_divergence(student, student_hidden, teacher, teacher_hidden, *args, **kwargs)
+    monkeypatch.setattr(opsd, "divergence", record)
+    opsd.main(["--teacher-model", teacher_folder, "--teacher-prompt", "plain", "--steps", "1",
+               "--batch-size", "4", "--eval-n", "0", "--out", str(tmp_path / "run")])
+    student, teacher, teacher_hidden = seen[0]
+    loaded, _ = common.load_model(teacher_folder)
+    hidden = teacher_hidden[0, :3]
+    assert teacher is not student and not any(p.requires_grad for p in teacher.parameters())
+    assert torch.equal(engine.output_logits(teacher, hidden), engine.output_logits(loaded, hidden))
+    with lora_disabled(student):  # the student's base, its own weights: other logits
+        assert not torch.allclose(engine.output_logits(student, hidden),
+                                  engine.output_logits(loaded, hidden), atol=1e-3)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_before_the_data_loads(tmp_path, monkeypatch):
+    teacher_folder = other_teacher(tmp_path / "teacher", vocabulary_changed=True)
+    monkeypatch.setattr(common, "load_examples", lambda *args, **kwargs: pytest.fail("loaded"))
+    with pytest.raises(common.InputError, match="tokenizer does not give --model toy's token ids"):
+        opsd.main(["--teacher-model", teacher_folder, "--out", str(tmp_path / "run")])
+
+
+def test_the_bridge_samples_from_the_teacher_first_and_then_from_the_student(tmp_path, monkeypatch):
+    teacher_folder = other_teacher(tmp_path / "teacher")
+    samplers, real_generate = [], engine.generate
+
+    def record(model, *args, **kwargs):
+        samplers.append(model.name_or_path)
+        return real_generate(model, *args, **kwargs)
+    monkeypatch.setattr(engine, "generate", record)
+    out = tmp_path / "run"
+    opsd.main(["--teacher-model", teacher_folder, "--teacher-rollout-steps", "2", "--steps", "3",
+               "--batch-size", "4", "--eval-n", "0", "--out", str(out)])
+    student = str(common.TOY_DIR / "model")
+    assert samplers == [teacher_folder, teacher_folder, student]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["rollouts"] for row in rows] == ["teacher", "teacher", "student"]
+
+
 def slow_terms(student_logits, teacher_logits, temperature):
     """Forward-KL terms P_T(v) log(P_T(v) / P_S(v)) of one position, in float64, and P_T."""
     p_student = torch.softmax(student_logits.double() / temperature, -1)
