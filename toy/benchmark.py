@@ -27,6 +27,15 @@ Reported: the median over steps 2..N (step 1 warms up). TRL runs only where `imp
     python toy/benchmark.py grpo                     # grpo.py only, without TRL
     /path/to/venv-with-trl/bin/python toy/benchmark.py grpo    # both; tested with TRL 1.16.0
 
+distill: seconds per training step and peak RSS of `opsd.py --teacher-model T --teacher-prompt plain`
+(on-policy distillation) and of TRL's GKDTrainer with lmbda 1 (the student samples every completion)
+and beta 0 (the forward KL), side by side in one run, on a random pair of real shapes: the
+stand-in as student and another stand-in (other weights, the same tokenizer) as teacher, 4 prompts
+x 128 new tokens at temperature 1, LoRA r 16 on the seven projections, no cap, float32, no
+gradient checkpointing, --steps steps, --repeats runs of each, alternating:
+
+    /path/to/venv-with-trl/bin/python toy/benchmark.py distill    # tested with TRL 1.16.0
+
 rollouts: seconds to sample one step of those rollouts (8 prompts x 8 samples x 48 tokens, the
 "tiny" model) with engine.generate and with transformers' model.generate at identical sampling.
 
@@ -118,7 +127,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def step_times(command, log_path):
     """Run `command`, which prints a line "step N..." after each training step; return the seconds
-    between consecutive such lines (steps 2..N), as this process reads them."""
+    between consecutive such lines (steps 2..N), as this process reads them, and the process's peak
+    RSS in bytes (its own, from os.wait4, as `run_measured`)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     stamps = []
     with open(log_path, "w") as log:
@@ -128,10 +138,12 @@ def step_times(command, log_path):
             log.write(line)
             if re.match(r"step\s+\d+", line):
                 stamps.append(time.time())
-    if process.wait() != 0:
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen.wait
+    if process.returncode != 0:
         tail = log_path.read_text().splitlines()[-20:]
         sys.exit(f"{command[1]} failed (exit code {process.returncode}):\n" + "\n".join(tail))
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    return [b - a for a, b in zip(stamps, stamps[1:])], usage.ru_maxrss * 1024
 
 
 def grpo_prompts(tokenizer, steps):
@@ -195,35 +207,120 @@ def grpo_speed(args):
             "--loss-type", "grpo", "--lr", str(GRPO["lr"]), "--seed", str(GRPO["seed"]),
             "--dtype", "float32", "--eval-n", "0", "--out", str(OUT / "grpo-ours"), "--overwrite",
             "--micro-batch-size", "0", "--no-gradient-checkpointing"]  # as TRL's run below
-    runs = {"grpo.py": ours}
-    if importlib.util.find_spec("trl"):
-        runs["TRL GRPOTrainer"] = [sys.executable, __file__, "trl-worker", "--model", str(model),
-                                   "--steps", str(args.steps)]
-    else:
-        print("TRL is not installed here: timing grpo.py only")
-    results, all_times = {}, {}
-    for repeat in range(args.repeats):  # alternate the two, so that a slow spell hits both
+    trl = [sys.executable, __file__, "trl-worker", "--model", str(model), "--steps", str(args.steps)]
+    side_by_side("grpo", {"grpo.py": ours, "TRL GRPOTrainer": trl}, args.repeats,
+                 f"seconds per GRPO step, median of steps 2..{args.steps}, on {model}: "
+                 f"{GRPO['prompts']} prompts x {GRPO['generations']} generations x "
+                 f"{GRPO['max_new_tokens']} new tokens, LoRA r {GRPO['lora_r']}, beta 0, float32",
+                 {"model": str(model), "settings": GRPO, "steps": args.steps})
+
+
+def side_by_side(benchmark, runs, repeats, title, facts):
+    """Run ours and TRL's (the second of `runs`, where `import trl` works) `repeats` times each,
+    alternating so that a slow spell hits both; print a table of the median seconds per step and
+    the peak RSS of each run, relative to TRL's, and one JSON line with every number."""
+    if not importlib.util.find_spec("trl"):
+        print("TRL is not installed here: timing ours only")
+        runs = dict(list(runs.items())[:1])
+    medians, peaks, all_times = {}, {}, {}
+    for repeat in range(repeats):
         for number, (name, command) in enumerate(runs.items()):
             print(f"$ {' '.join(command)}", flush=True)
-            times = step_times(command, OUT / f"grpo-{number}-{repeat}.log")
-            results.setdefault(name, []).append(statistics.median(times))
+            times, peak = step_times(command, OUT / f"{benchmark}-{number}-{repeat}.log")
+            medians.setdefault(name, []).append(statistics.median(times))
+            peaks.setdefault(name, []).append(peak)
             all_times.setdefault(name, []).append([round(t, 3) for t in times])
-    print(f"\nseconds per GRPO step, median of steps 2..{args.steps}, on {model}: "
-          f"{GRPO['prompts']} prompts x {GRPO['generations']} generations x "
-          f"{GRPO['max_new_tokens']} new tokens, LoRA r {GRPO['lora_r']}, beta 0, float32")
-    print("| implementation | seconds per step | relative to TRL |\n| --- | --- | --- |")
-    reference = results.get("TRL GRPOTrainer")
-    for name, medians in results.items():
-        relative = (" / ".join(f"{m / r:.2f}x" for m, r in zip(medians, reference))
-                    if reference else "-")
-        print(f"| {name} | {' / '.join(f'{m:.2f}' for m in medians)} | {relative} |")
-    versions = {}
-    for package in ["torch", "transformers", "trl", "peft"]:
-        if importlib.util.find_spec(package):
-            versions[package] = __import__(package).__version__
-    print(json.dumps({"benchmark": "grpo", "model": str(model), "settings": GRPO,
-                      "steps": args.steps, "seconds_per_step": results,
-                      "step_seconds": all_times, "versions": versions}))
+    print(f"\n{title}")
+    print("| implementation | seconds per step | relative to TRL | peak RSS (GB) | relative to TRL |")
+    print("| --- | --- | --- | --- | --- |")
+    trl_name = list(runs)[1] if len(runs) > 1 else None
+
+    def relative(values, name):
+        return " / ".join(f"{v / r:.2f}x" for v, r in zip(values, name)) if trl_name else "-"
+    for name in runs:
+        print(f"| {name} | {' / '.join(f'{m:.2f}' for m in medians[name])} | "
+              f"{relative(medians[name], medians.get(trl_name, []))} | "
+              f"{' / '.join(f'{p / 1e9:.2f}' for p in peaks[name])} | "
+              f"{relative(peaks[name], peaks.get(trl_name, []))} |")
+    versions = {package: __import__(package).__version__
+                for package in ["torch", "transformers", "trl", "peft"]
+                if importlib.util.find_spec(package)}
+    print(json.dumps({"benchmark": benchmark, **facts, "seconds_per_step": medians,
+                      "peak_rss_bytes": peaks, "step_seconds": all_times, "versions": versions}))
+
+
+# distill: on-policy distillation from a separate teacher, the settings both implementations share.
+DISTILL = {"prompts": 4, "max_new_tokens": 128, "lora_r": 16, "lora_alpha": 32, "temperature": 1.0,
+           "lr": 1e-5, "seed": 0}
+
+
+def distill_models():
+    """The pair: the real-vocabulary stand-in as the student and another one (other random
+    weights, the same tokenizer) as the teacher, built into models/ on first use."""
+    return (random_model.write("standin", REPO / "models" / "standin"),
+            random_model.write("standin", REPO / "models" / "standin-teacher",
+                               seed=random_model.SEED + 1))
+
+
+def gkd_worker(steps, out):
+    """Train with TRL's GKDTrainer at the settings of DISTILL: lmbda 1 (the student samples every
+    completion), beta 0 (the forward KL), the same teacher; print "step N" after each step."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    import common  # the same prompts as opsd.py's student
+    student, teacher = distill_models()
+    torch.manual_seed(DISTILL["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(student, padding_side="left")
+    examples = common.load_examples("toy", "train")[:DISTILL["prompts"] * steps]
+    dataset = Dataset.from_list([{"messages": [
+        {"role": "user", "content": common.student_message(example)},
+        {"role": "assistant", "content": example["solution"]}]} for example in examples])
+
+    class PrintStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            print(f"step {state.global_step}", flush=True)
+
+    config = GKDConfig(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=DISTILL["prompts"],
+        gradient_accumulation_steps=1, lmbda=1.0, beta=0.0, temperature=DISTILL["temperature"],
+        max_new_tokens=DISTILL["max_new_tokens"], learning_rate=DISTILL["lr"],
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, seed=DISTILL["seed"],
+        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True)
+    lora = LoraConfig(r=DISTILL["lora_r"], lora_alpha=DISTILL["lora_alpha"], lora_dropout=0.0,
+                      target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    trainer = GKDTrainer(
+        model=AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32),
+        teacher_model=AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32),
+        args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
+        callbacks=[PrintStep()])
+    trainer.train()
+
+
+def distill_speed(args):
+    student, teacher = distill_models()
+    ours = [sys.executable, "opsd.py", "--model", str(student), "--teacher-model", str(teacher),
+            "--teacher-prompt", "plain", "--data", "toy", "--steps", str(args.steps),
+            "--batch-size", str(DISTILL["prompts"]), "--num-generations", "1",
+            "--max-new-tokens", str(DISTILL["max_new_tokens"]),
+            "--temperature", str(DISTILL["temperature"]), "--top-p", "1.0", "--top-k", "0",
+            "--jsd-beta", "0", "--clip", "0", "--lora-r", str(DISTILL["lora_r"]),
+            "--lora-alpha", str(DISTILL["lora_alpha"]), "--lr", str(DISTILL["lr"]),
+            "--schedule", "constant", "--max-grad-norm", "1.0", "--seed", str(DISTILL["seed"]),
+            "--dtype", "float32", "--eval-n", "0", "--out", str(OUT / "distill-ours"),
+            "--overwrite", "--micro-batch-size", "0", "--no-gradient-checkpointing"]  # as TRL's
+    trl = [sys.executable, __file__, "gkd-worker", "--steps", str(args.steps)]
+    side_by_side("distill", {"opsd.py --teacher-model": ours, "TRL GKDTrainer": trl}, args.repeats,
+                 f"on-policy distillation, seconds per step (median of steps 2..{args.steps}) and "
+                 f"peak RSS: student {student}, teacher {teacher} (vocabulary 151,936), "
+                 f"{DISTILL['prompts']} prompts x {DISTILL['max_new_tokens']} new tokens, forward "
+                 f"KL, LoRA r {DISTILL['lora_r']}, float32",
+                 {"student": str(student), "teacher": str(teacher), "settings": DISTILL,
+                  "steps": args.steps})
 
 
 def rollout_speed(args):
@@ -290,14 +387,26 @@ def main():
     parser_rollouts.add_argument("--model", help="model folder (default: models/tiny)")
     parser_rollouts.add_argument("--repeats", type=int, default=5,
                                  help="timed calls of each, after one warm-up (default: 5)")
+    parser_distill = commands.add_parser(
+        "distill", help="seconds per step and peak memory: opsd.py --teacher-model and TRL's "
+                        "GKDTrainer")
+    parser_distill.add_argument("--steps", type=int, default=4,
+                                help="steps per run; the first is left out (default: 4)")
+    parser_distill.add_argument("--repeats", type=int, default=3,
+                                help="run each implementation this many times, alternating")
+    gkd = commands.add_parser("gkd-worker")  # internal: one TRL run, for `distill`
+    gkd.add_argument("--steps", type=int, required=True, help="training steps")
     worker = commands.add_parser("trl-worker")  # internal: one TRL run, for `grpo`
     worker.add_argument("--model", required=True, help="model folder")
     worker.add_argument("--steps", type=int, required=True, help="training steps")
     args = parser.parse_args()
     if args.command == "trl-worker":
         trl_worker(args.model, args.steps, OUT / "grpo-trl")
+    elif args.command == "gkd-worker":
+        gkd_worker(args.steps, OUT / "distill-trl")
     else:
-        {"memory": memory, "grpo": grpo_speed, "rollouts": rollout_speed}[args.command](args)
+        {"memory": memory, "grpo": grpo_speed, "distill": distill_speed,
+         "rollouts": rollout_speed}[args.command](args)
 
 
 if __name__ == "__main__":
