@@ -765,9 +765,12 @@ def log_step(metrics_file, metrics, total_steps, seconds_per_step):
 
 
 def write_summary(out, summary):
+    """summary.json in `out`, and on stdout as one line without the per-problem results."""
     if rank() == 0:
         (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary))
+    print(json.dumps({key: {name: value for name, value in item.items() if name != "correct"}
+                      if key in ("before", "after") and item else item
+                      for key, item in summary.items()}))
 
 
 # ----------------------------------------------------------------------------------------------
