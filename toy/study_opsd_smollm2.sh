@@ -4,7 +4,7 @@
 # parts across sessions. Each finished run's summary.json and metrics.jsonl (and each evaluation's
 # eval.json) are copied to RESULTS, from which toy/compare.py rebuilds the table and the plot:
 #
-#   bash toy/study_opsd_smollm2.sh            # 2 CPU cores: about 100 minutes in all
+#   bash toy/study_opsd_smollm2.sh            # 2 CPU cores: about 120 minutes in all
 #   python toy/compare.py docs/results/opsd-smollm2/[gos]* --base docs/results/opsd-smollm2/base \
 #       --plot docs/results/opsd-smollm2/compare.png
 set -euo pipefail
