@@ -20,21 +20,21 @@ divergence capped at `--clip` 0.05 (its later version).
 The student prompt is the one sft.py and grpo.py use; the teacher prompt is `teacher_prompt` below.
 
 Where we differ from the authors' code (github.com/siyan-zhao/OPSD, opsd_trainer.py), and the
-switches that run it their way:
-- The cap: theirs caps each vocabulary entry (`jsd.clamp(max=token_clip)` on [B, T, V] terms), as
-  `--clip` does here; their help text says "for each token", which `--clip-per token` reads as
-  min(sum over the vocabulary, clip). See `pointwise_divergence`.
-- The mean: theirs is a token mean per sequence (one sequence per micro-batch), then a mean over
-  sequences (`--loss-norm sequence`); ours by default one token mean over the step (`token`).
-- Their teacher options add an exponential moving average of the student (`--teacher ema`,
-  `ema_update`) and a divergence over the teacher's top K tokens (`--teacher-top-k`, `top_k_logits`).
-- Their later versions let the teacher think (Qwen3's `enable_thinking`) and not the student:
-  `--teacher-thinking` (on, as theirs) and `--student-thinking` (off); a template without the switch
-  is unaffected.
-- Their learning rate decays linearly over 30 epochs, effectively constant over the paper's 100
-  steps: our default schedule here is constant too (the toy keeps its cosine decay).
-- We log what the student learns beside the loss: the uncapped divergence and the share of the
-  teacher's probability mass whose entries the cap removed (`uncapped_divergence`, `capped_mass`).
+switches that run it their way: their cap is per vocabulary entry, as `--clip` (their help text says
+"for each token": `--clip-per token`; see `pointwise_divergence`); their mean is per sequence, then
+over sequences (`--loss-norm sequence`; ours: one token mean over the step); their teacher may be an
+exponential moving average of the student (`--teacher ema`, `ema_update`) and their loss may use the
+teacher's top K tokens only (`--teacher-top-k`, `top_k_logits`); their later versions let the
+teacher think (Qwen3's `enable_thinking`) and not the student (`--teacher-thinking`,
+`--student-thinking`); their learning rate is effectively constant over the paper's 100 steps, as
+our default `--schedule` here (the toy keeps its cosine). Beside the loss we log the uncapped
+divergence and the share of the teacher's mass the cap removed (`uncapped_divergence`, `capped_mass`).
+
+A separate teacher (`--teacher-model PATH`, `teacher_model`): another model with the same tokenizer,
+frozen, shown OPSD's prompt or the student's own (`--teacher-prompt plain`: on-policy distillation,
+GKD with lmbda 1, arXiv 2306.13649). `--teacher-rollout-steps N` (`step_rollouts`) is the
+sparse-to-dense paper's bridge: the teacher samples the first N steps' completions (off-policy), the
+student the rest.
 
 Two options from PACED (Xu et al. 2026, arXiv 2603.11178): `--paced` weights each problem by how
 close the student is to solving it (`paced_weights`, which needs --num-generations >= 2 and the

@@ -109,3 +109,20 @@ def test_a_checkpoint_resumes_exactly(smollm2, tmp_path, crash_after):
     crash_after(2, opsd.main, argv + ["--out", str(tmp_path / "broken")])  # after checkpoint 1
     opsd.main(argv + ["--out", str(tmp_path / "broken"), "--resume"])
     assert losses(tmp_path / "straight") == losses(tmp_path / "broken")
+
+
+def test_a_separate_teacher_and_the_bridge_on_a_real_model(smollm2, tmp_path):
+    """opsd.py --teacher-model, 2 steps each way on SmolLM2 with itself as the separate teacher.
+    With the student's own prompt (on-policy distillation) the frozen teacher is the student's
+    initial model, so its first divergence is 0 (the bridge's first step: on the teacher's samples);
+    shown the reference solution, the same teacher disagrees."""
+    model = ["--model", smollm2, "--teacher-model", smollm2, "--clip", "0"] + SMALL
+    opsd.main(model + ["--teacher-prompt", "plain", "--teacher-rollout-steps", "1",
+                       "--out", str(tmp_path / "bridge")])
+    opsd.main(model + ["--teacher-prompt", "solution", "--out", str(tmp_path / "solution")])
+    bridge, solution = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl")
+                         .read_text().splitlines()] for name in ["bridge", "solution"])
+    assert [row["rollouts"] for row in bridge] == ["teacher", "student"]
+    assert abs(bridge[0]["loss"]) < 1e-4 < solution[0]["loss"]
+    for name in ["bridge", "solution"]:
+        assert all(torch.isfinite(torch.tensor(losses(tmp_path / name)))), name

@@ -6,13 +6,14 @@
 
 memory: one training step of each script, in a process of its own, on the real-vocabulary stand-in
 (Qwen3 with V = 151,936, hidden 1024, 2 layers; built into models/standin on first use) at the
-settings the README reports: 512 new tokens, LoRA r 64 / alpha 128, float32; opsd.py with 4 prompts,
-grpo.py with 2 prompts x 4 generations, sft.py with 8 problems; every script's own micro-batch and
-other defaults. Evaluation is off (--eval-n 0), so the step is all there is besides loading. The
-stand-in's completions always run to --max-new-tokens (see toy/random_model.py), so each run costs
-the same. Reported: the process's peak resident memory (ru_maxrss of exactly that process, from
-os.wait4; its model is 0.75 GB of it), its wall time and CPU time, loading included. It prints a
-table and one JSON line with every number; each run's log is in out/benchmark/<script>/log.txt.
+settings the README reports: 512 new tokens, LoRA r 64 / alpha 128, float32; opsd.py with 4 prompts
+(and again with a separate teacher, a second stand-in: "opsd-teacher"), grpo.py with 2 prompts x 4
+generations, sft.py with 8 problems; every script's own micro-batch and other defaults. Evaluation
+is off (--eval-n 0), so the step is all there is besides loading. The stand-in's completions always
+run to --max-new-tokens (see toy/random_model.py), so each run costs the same. Reported: the
+process's peak resident memory (ru_maxrss of exactly that process, from os.wait4; its model is 0.75
+GB of it), its wall time and CPU time, loading included. It prints a table and one JSON line with
+every number; each run's log is in out/benchmark/<script>/log.txt.
 
 grpo: seconds per training step of grpo.py and of TRL's GRPOTrainer at identical settings, side by
 side in one run: the "tiny" random Qwen3 (the toy model's shape: hidden 128, 4 layers; built into
@@ -35,6 +36,14 @@ x 128 new tokens at temperature 1, LoRA r 16 on the seven projections, no cap, f
 gradient checkpointing, --steps steps, --repeats runs of each, alternating:
 
     /path/to/venv-with-trl/bin/python toy/benchmark.py distill    # tested with TRL 1.16.0
+
+The two compute the same forward KL, but TRL 1.16's GKDTrainer logs (and takes the gradient of) a
+larger number: it divides the sum over generated tokens by the token count of the data set's
+reference answers, which transformers' Trainer counts before the student's samples replace them
+(TRL's DistillationTrainer fixed this, huggingface/trl pull request 6478). AdamW and the gradient
+clipping (both clip here) make the step nearly the same; the time and memory do not depend on it.
+Where the work differs: TRL applies both models' output layers to every position, prompts
+included; ours to the completion positions only.
 
 rollouts: seconds to sample one step of those rollouts (8 prompts x 8 samples x 48 tokens, the
 "tiny" model) with engine.generate and with transformers' model.generate at identical sampling.
@@ -70,6 +79,9 @@ MEMORY_SCRIPTS = {
     "opsd": ["--batch-size", "4"],
     "grpo": ["--batch-size", "2", "--num-generations", "4"],
     "sft": ["--batch-size", "8"],
+    # on-policy distillation from a separate teacher: a second stand-in (other weights)
+    "opsd-teacher": ["--batch-size", "4", "--teacher-model", "models/standin-teacher",
+                     "--teacher-prompt", "plain"],
 }
 
 
@@ -94,11 +106,13 @@ def run_measured(command, log_path):
 def memory(args):
     model = args.model or random_model.write("standin", REPO / "models" / "standin")
     results = []
+    if "opsd-teacher" in args.scripts:
+        distill_models()  # the teacher stand-in, built on first use
     for script in args.scripts:
         out = OUT / script
         shutil.rmtree(out, ignore_errors=True)  # no metrics or checkpoint of an earlier run
-        command = [sys.executable, f"{script}.py", "--model", str(model), "--out", str(out),
-                   *MEMORY_COMMON, *MEMORY_SCRIPTS[script]]
+        command = [sys.executable, f"{script.split('-')[0]}.py", "--model", str(model),
+                   "--out", str(out), *MEMORY_COMMON, *MEMORY_SCRIPTS[script]]
         print("$ " + " ".join(command), flush=True)
         code, seconds, cpu_seconds, peak = run_measured(command, out / "log.txt")
         if code != 0:
