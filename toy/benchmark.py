@@ -127,7 +127,7 @@ def memory(args):
     print("| script | settings | peak RSS | wall time (load + step) | CPU time | generated tokens |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['script']}.py | {r['settings']} | {r['peak_rss_gb']:.2f} GB | "
+        print(f"| {r['script'].split('-')[0]}.py | {r['settings']} | {r['peak_rss_gb']:.2f} GB | "
               f"{r['wall_seconds']:.0f} s | {r['cpu_seconds']:.0f} s | {r['generated_tokens']} |")
     print(json.dumps({"benchmark": "memory", "model": str(model), "common": MEMORY_COMMON,
                       "results": results}))
