@@ -74,7 +74,14 @@ def sample_next_token(logits, temperature=0.0, top_p=1.0, top_k=0):
         tail = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p  # least likely, total <= 1 - top_p
         tail[:, -1] = False  # the most likely token always stays
         logits = logits.masked_fill(tail.scatter(1, order, tail), float("-inf"))  # back in vocab order
-    return torch.multinomial(logits.softmax(-1), num_samples=1).squeeze(1)
+    # Inverse-CDF sampling: the token i with cumulative[i - 1] <= u < cumulative[i], u uniform below
+    # the total. A token of probability 0 is never drawn; 40x faster than torch.multinomial at
+    # V = 151,936 on a CPU, the same distribution up to float32 rounding of the sum.
+    cumulative = logits.softmax(-1).cumsum(-1)  # [N, V]
+    total = cumulative[:, -1:]  # [N, 1], 1 up to rounding
+    u = torch.rand(total.shape, device=total.device) * total
+    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # below the total, even rounded
+    return torch.searchsorted(cumulative, u, right=True).squeeze(1)
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -320,7 +327,14 @@ def output_logits(model, hidden):
     by logit_scale, Granite divides by logits_scaling, Gemma 2 soft-caps, cap * tanh(logits / cap).
     What model(...).logits holds."""
     config = model.config.get_text_config()
-    logits = model.get_output_embeddings()(hidden)
+    layer = model.get_output_embeddings()
+    if type(layer) is torch.nn.Linear and hidden.device.type == "cpu":
+        # The same product as layer(hidden), h W^T, taken as (W h^T)^T: on a CPU (MKL) F.linear is
+        # 1.5x slower at 128 rows and 2.5x at the sampler's few rows (V 151,936, H 1,024).
+        logits = (layer.weight @ hidden.flatten(0, -2).T).T.unflatten(0, hidden.shape[:-1])
+        logits = logits + layer.bias if layer.bias is not None else logits
+    else:
+        logits = layer(hidden)
     scale, scaling = getattr(config, "logit_scale", None), getattr(config, "logits_scaling", None)
     logits = logits * scale if scale else logits  # Cohere
     logits = logits / scaling if scaling else logits  # Granite

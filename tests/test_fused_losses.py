@@ -1,7 +1,7 @@
 """Every loss computed from hidden states a chunk at a time (engine.chunked_output_layer) equals the unfused
 computation on the model's own full logits, in value and in gradient: SFT, GRPO, OPSD's divergence
 and its sampled-token loss; with LoRA and without, tied and untied output layers, and what Gemma 2,
-Granite and Cohere do to their final logits."""
+Granite and Cohere do to their final logits, and an output layer with a bias."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,9 @@ def tiny_model(kind, lora):
         model = CohereForCausalLM(CohereConfig(**shape, logit_scale=3.0))
     else:
         model = Qwen3ForCausalLM(Qwen3Config(**shape, tie_word_embeddings=kind == "qwen3-tied"))
+    if kind == "qwen3-biased":  # an output layer with a bias (engine.output_logits adds it itself)
+        model.lm_head = torch.nn.Linear(32, V, bias=True)
+        torch.nn.init.normal_(model.lm_head.bias)
     with torch.no_grad():  # a larger output layer: logits of a few units, far from uniform
         model.get_output_embeddings().weight.mul_(20)
     if lora:
@@ -79,7 +82,7 @@ def assert_same(model, fused_loss, unfused_loss):
 
 MODELS = [("qwen3-tied", False), ("qwen3-tied", True), ("qwen3-untied", False),
           ("qwen3-untied", True), ("gemma2-softcap", False), ("gemma2-softcap", True),
-          ("granite-scaled", False), ("cohere-scaled", True)]
+          ("granite-scaled", False), ("cohere-scaled", True), ("qwen3-biased", False)]
 
 
 @pytest.mark.parametrize("kind,lora", MODELS)
@@ -159,15 +162,20 @@ def test_opsd_sampled_token_loss_equals_the_unfused_one(kind, lora):
 
 
 @pytest.mark.parametrize("lora,passes", [(True, 1), (False, 2)])
-def test_the_output_layer_sees_only_completion_positions_a_chunk_at_a_time(lora, passes):
+def test_the_output_layer_sees_only_completion_positions_a_chunk_at_a_time(lora, passes,
+                                                                             monkeypatch):
     """The memory claim itself: no output-layer call on more than chunk_size positions, and the
     prompt positions are never sent through it. The speed claim: with a frozen output layer (LoRA)
     the backward pass recomputes nothing; a trained one (full fine-tuning) is passed twice."""
     model = tiny_model("qwen3-untied", lora)
     _, _, batch = rows()
     widths = []
-    head = model.get_output_embeddings()
-    head.register_forward_hook(lambda module, inputs, output: widths.append(inputs[0].shape[:-1]))
+    output_logits = engine.output_logits  # every use of the output layer goes through it
+
+    def recorded(model, hidden):
+        widths.append(hidden.shape[:-1])
+        return output_logits(model, hidden)
+    monkeypatch.setattr(engine, "output_logits", recorded)
     logprobs = engine.token_logprobs(model, batch, chunk_size=3)
     logprobs.sum().backward()
     assert all(len(shape) == 1 and shape[0] <= 3 for shape in widths)

@@ -36,13 +36,7 @@ COMMON="--data toy --max-new-tokens 64 --lora-r 16 --lora-alpha 32 --lr 1e-4
   --schedule constant --eval-n 500 --eval-batch-size 250 --no-eval-before"
 DISTILL="--teacher-model $TEACHER --teacher-prompt plain --clip 0 --jsd-beta 0 --batch-size 16"
 GRPO="--batch-size 4 --num-generations 8"
-run() {  # run NAME SCRIPT FLAGS...: train unless RESULTS has it, then keep its files
-  local name=$1 script=$2; shift 2
-  [ -f "$RESULTS/$name/summary.json" ] && return
-  python "$script" $COMMON "$@" --out "$OUT/$name" --overwrite
-  mkdir -p "$RESULTS/$name"
-  cp "$OUT/$name/summary.json" "$OUT/$name/metrics.jsonl" "$RESULTS/$name/"
-}
+source toy/study_run.sh  # run NAME SCRIPT FLAGS...
 for seed in 1 2; do
   run grpo-$seed grpo.py --model $STUDENT $GRPO --steps 12 --seed $seed
   run grpo-garl-$seed grpo.py --model $STUDENT $GRPO --steps 12 --garl-q 0.5 --seed $seed

@@ -39,13 +39,7 @@ done
 COMMON="--model $BASE --data toy --max-new-tokens 64 --lora-r 16 --lora-alpha 32
   --no-gradient-checkpointing --micro-batch-size 0 --temperature 0.7 --top-p 1 --top-k 0
   --schedule constant --eval-n 500 --eval-batch-size 250 --no-eval-before"
-run() {  # run NAME SCRIPT FLAGS...: train unless RESULTS has it, then keep its files
-  local name=$1 script=$2; shift 2
-  [ -f "$RESULTS/$name/summary.json" ] && return
-  python "$script" $COMMON "$@" --out "$OUT/$name" --overwrite
-  mkdir -p "$RESULTS/$name"
-  cp "$OUT/$name/summary.json" "$OUT/$name/metrics.jsonl" "$RESULTS/$name/"
-}
+source toy/study_run.sh  # run NAME SCRIPT FLAGS...
 OPSD="--lr 1e-4 --steps 12 --batch-size 16"   # the paper's loss: forward KL, entries capped at 0.05
 GRPO="--lr 1e-4 --steps 30 --batch-size 4"    # 8 samples a problem
 run opsd-1 opsd.py $OPSD --seed 1
