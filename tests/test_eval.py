@@ -163,6 +163,15 @@ def test_compare_groups_runs_by_the_settings_that_differ_not_by_seed(tmp_path, c
     table = {line.split("|")[1].strip(): line.split("|")[2].strip()
              for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
     assert table["sft --steps 1"] == "1" and table["sft --steps 2"] == "2"  # runs in each group
+    # Each seed from its own checkpoint: --ignore model puts them in one group, by the steps only.
+    runs = [fake_run(tmp_path / f"m{i}", "grpo", before, {"accuracy": 0.5, "n": 100}, 0,
+                     [(0, None)], {"model": f"out/first-{seed}/merged", "steps": steps,
+                                   "seed": seed})
+            for i, (seed, steps) in enumerate([(1, 6), (2, 6), (1, 12)])]
+    compare.main([*runs, "--ignore", "model", "--plot", str(tmp_path / "compare.png")])
+    table = {line.split("|")[1].strip(): line.split("|")[2].strip()
+             for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert table["grpo --steps 6"] == "2" and table["grpo --steps 12"] == "1"
 
 
 def test_compare_takes_sampled_metrics_from_a_later_evaluation_of_the_same_model(tmp_path, capsys):

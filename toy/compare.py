@@ -90,15 +90,15 @@ NOT_SETTINGS = {"seed", "out", "resume", "overwrite", "save_every", "keep_checkp
                 "gradient_checkpointing"}
 
 
-def group_names(summaries):
+def group_names(summaries, ignore=()):
     """Each run's group: its method, and its value of every setting in which runs of that method
     differ (summary.json's "args"; summaries written before it recorded them have none), e.g.
-    "sft --steps 2"; seeds are what a group averages over."""
+    "sft --steps 2"; seeds are what a group averages over, and so are the settings in `ignore`."""
     differing = {}  # method -> the settings its runs differ in
     for method in {summary["method"] for summary in summaries}:
         runs = [summary.get("args", {}) for summary in summaries if summary["method"] == method]
         differing[method] = sorted(
-            name for name in set().union(*runs) if name not in NOT_SETTINGS
+            name for name in set().union(*runs) if name not in NOT_SETTINGS | set(ignore)
             and len({json.dumps(run.get(name)) for run in runs}) > 1)
     return [" ".join([summary["method"]] + [f"--{name.replace('_', '-')} "
                                             f"{summary.get('args', {}).get(name)}"
@@ -127,7 +127,8 @@ def compare_command(args):
                                    "after": later_evaluation(args.base, summary["before"])
                                    if args.base else summary["before"]}, [])
                                  for summary, _ in runs]}  # every run starts from the same base
-    for name, (summary, rows) in zip(group_names([summary for summary, _ in runs]), runs):
+    for name, (summary, rows) in zip(group_names([summary for summary, _ in runs], args.ignore),
+                                     runs):
         methods.setdefault(name, []).append((summary, rows))
     k = max(summary["after"].get("k", 0) for summary, _ in runs)
     accuracies = ["accuracy", "format"] + ([f"mean@{k}", f"pass@{k}", f"maj@{k}", f"format@{k}"]
@@ -204,6 +205,10 @@ def main(argv=None):
                              "sampled metrics for the base row")
     parser.add_argument("--plot", default="out/compare.png",
                         help="PNG of accuracy against generated tokens (needs matplotlib)")
+    parser.add_argument("--ignore", nargs="+", default=[], metavar="SETTING",
+                        help="settings (as in summary.json's args, e.g. model) whose values do "
+                             "not separate groups, like the seed: e.g. each seed of an arm "
+                             "starting from its own checkpoint")
     compare_command(parser.parse_args(argv))
 
 
