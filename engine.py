@@ -55,7 +55,7 @@ def end_token_ids(model, tokenizer):
 
 
 def sample_next_token(logits, temperature=0.0, top_p=1.0, top_k=0):
-    """One token per row from next-token logits [N, V], from the distribution the flags name.
+    """One token per row from next-token logits [N, V], from exactly the distribution the flags name.
 
     temperature 0: the argmax (greedy). Otherwise p = softmax(logits / temperature), restricted to the
     top_k most likely tokens (0: no restriction), then to the most likely tokens whose total
@@ -75,13 +75,14 @@ def sample_next_token(logits, temperature=0.0, top_p=1.0, top_k=0):
         tail[:, -1] = False  # the most likely token always stays
         logits = logits.masked_fill(tail.scatter(1, order, tail), float("-inf"))  # back in vocab order
     # Inverse-CDF sampling: the token i with cumulative[i - 1] <= u < cumulative[i], u uniform below
-    # the total. A token of probability 0 is never drawn. 40x faster than torch.multinomial at
-    # V = 151,936 on a CPU. The float32 sum is off by at most 6e-8 anywhere, which moves 0.1% of
-    # the mass (total variation) of a uniform distribution over 151,936 tokens: less than bfloat16
-    # logits do (measured in docs/measurements.md, Speed).
-    cumulative = logits.softmax(-1).cumsum(-1)  # [N, V]
+    # the total, so a token of probability 0 is never drawn. 40x faster than torch.multinomial at
+    # V = 151,936 on a CPU. In float64: float32 sums and draws would move 0.1-0.2% of the mass of a
+    # flat distribution over 151,936 tokens, and a draw on float32's grid of 2^-24 could miss tokens.
+    cumulative = logits.softmax(-1, dtype=torch.float64).cumsum(-1)  # [N, V]
     total = cumulative[:, -1:]  # [N, 1], 1 up to rounding
-    u = torch.rand(total.shape, device=total.device) * total
+    if not torch.isfinite(total).all():
+        raise ValueError("next-token logits hold NaN or infinity: the model's weights diverged")
+    u = torch.rand(total.shape, dtype=torch.float64, device=total.device) * total
     u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # below the total, even rounded
     return torch.searchsorted(cumulative, u, right=True).squeeze(1)
 
@@ -327,14 +328,18 @@ def output_logits(model, hidden):
     """The model's logits from its final hidden states [..., H] -> [..., V]: the output layer (tied
     to the embeddings or not), then what some models do to their final logits: Cohere multiplies
     by logit_scale, Granite divides by logits_scaling, Gemma 2 soft-caps, cap * tanh(logits / cap).
-    What model(...).logits holds."""
+    What model(...).logits holds, up to rounding (the product's order, below)."""
     config = model.config.get_text_config()
     layer = model.get_output_embeddings()
-    if type(layer) is torch.nn.Linear and hidden.device.type == "cpu":
-        # The same product as layer(hidden), h W^T, taken as (W h^T)^T: on a CPU (MKL) F.linear is
-        # 1.5x slower at 128 rows and 2.5x at the sampler's few rows (V 151,936, H 1,024).
-        logits = (layer.weight @ hidden.flatten(0, -2).T).T.unflatten(0, hidden.shape[:-1])
-        logits = logits + layer.bias if layer.bias is not None else logits
+    plain = (type(layer) is torch.nn.Linear and "forward" not in vars(layer)  # not wrapped (autocast)
+             and not layer._forward_hooks and not layer._forward_pre_hooks)  # no hooks to call
+    if plain and hidden.device.type == "cpu":
+        # h W^T + b taken as (b + W h^T)^T: on a CPU (MKL) F.linear is 2.5x slower at the sampler's
+        # few rows and 1.2x at 128 (V 151,936, H 1,024; docs/measurements.md, Speed).
+        rows = hidden.reshape(-1, hidden.shape[-1]).T  # [H, n]
+        product = layer.weight @ rows if layer.bias is None else \
+            torch.addmm(layer.bias[:, None], layer.weight, rows)  # [V, n]
+        logits = product.T.reshape(*hidden.shape[:-1], -1)
     else:
         logits = layer(hidden)
     scale, scaling = getattr(config, "logit_scale", None), getattr(config, "logits_scaling", None)

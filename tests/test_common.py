@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import common
+import engine
 import sft
 
 
@@ -99,6 +100,9 @@ def test_full_fine_tuning_in_bfloat16_loses_no_update():
     for _ in range(3):
         logits = model(input_ids=input_ids).logits
         assert logits.dtype == torch.bfloat16  # the matrix products ran in bfloat16
+        # so does the output layer as the scripts call it (engine.output_logits)
+        hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
+        assert torch.equal(engine.output_logits(model, hidden), logits)
         torch.nn.functional.cross_entropy(logits[0, :-1].float(), input_ids[0, 1:]).backward()
         optimizer.step()
         optimizer.zero_grad()

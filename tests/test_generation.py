@@ -238,6 +238,16 @@ def test_sample_next_token_draws_the_exact_truncated_distribution():
     assert engine.sample_next_token(logits, temperature=0.0).item() == 0  # greedy: the argmax
 
 
+def test_a_diverged_model_stops_sampling_with_an_error():
+    """NaN or infinite logits (a diverged run) stop the sampler instead of drawing token V, an id
+    past the vocabulary that would fail later and far away (on CUDA: a device-side assert)."""
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        logits = torch.zeros(2, 8)
+        logits[1] = bad
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            engine.sample_next_token(logits, temperature=1.0)
+
+
 def test_generation_stops_at_any_end_token_of_the_generation_config(toy_model):
     """A checkpoint may list several end tokens (Qwen3: <|im_end|> and <|endoftext|>); a completion
     ends at the first of any of them, and its mask ends there, the end token included."""
