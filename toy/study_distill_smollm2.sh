@@ -16,7 +16,7 @@
 # summary.json is under RESULTS already is skipped; seed 1 first, then seed 2 of every arm.
 #
 #   source .venv/bin/activate; bash toy/study_distill_smollm2.sh
-#   python toy/compare.py docs/results/distill-smollm2/*-[0-9] \
+#   python toy/compare.py docs/results/distill-smollm2/*-[0-9] --ignore model \
 #       --base docs/results/distill-smollm2/student --plot docs/results/distill-smollm2/compare.png
 set -euo pipefail
 cd "$(dirname "$0")/.."
