@@ -235,8 +235,15 @@ def test_rows_with_zero_advantage_are_skipped_without_changing_the_gradient(tmp_
     def record_rows(model, batch, *args, **kwargs):
         trained_rows[-1] += batch["completion_ids"].shape[0]
         return real_logprobs(model, batch, *args, **kwargs)
+    real_reward = grpo.reward
+
+    def first_group_unrewarded(*args):  # so at least one group has equal rewards, whatever is drawn
+        rewards = real_reward(*args)
+        rewards[:8] = 0
+        return rewards
     monkeypatch.setattr(common, "optimizer_step", record_step)
     monkeypatch.setattr(engine, "token_logprobs", record_rows)
+    monkeypatch.setattr(grpo, "reward", first_group_unrewarded)
     quick = ["--steps", "1", "--batch-size", "4", "--eval-n", "4", "--max-new-tokens", "32"]
     for name, beta in [("skipping", "0"), ("every-row", "1e-12")]:
         trained_rows.append(0)
