@@ -74,16 +74,14 @@ def sample_next_token(logits, temperature=0.0, top_p=1.0, top_k=0):
         tail = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p  # least likely, total <= 1 - top_p
         tail[:, -1] = False  # the most likely token always stays
         logits = logits.masked_fill(tail.scatter(1, order, tail), float("-inf"))  # back in vocab order
-    # Inverse-CDF sampling: the token i with cumulative[i - 1] <= u < cumulative[i], u uniform below
-    # the total, so a token of probability 0 is never drawn. 40x faster than torch.multinomial at
-    # V = 151,936 on a CPU. In float64: float32 sums and draws would move 0.1-0.2% of the mass of a
-    # flat distribution over 151,936 tokens, and a draw on float32's grid of 2^-24 could miss tokens.
+    # The inverse CDF in float64 (exact; 40x faster than torch.multinomial at V = 151,936 on a CPU):
+    # token i where cumulative[i - 1] <= u < cumulative[i], so a token of probability 0 never comes.
     cumulative = logits.softmax(-1, dtype=torch.float64).cumsum(-1)  # [N, V]
     total = cumulative[:, -1:]  # [N, 1], 1 up to rounding
     if not torch.isfinite(total).all():
         raise ValueError("next-token logits hold NaN or infinity: the model's weights diverged")
-    u = torch.rand(total.shape, dtype=torch.float64, device=total.device) * total
-    u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))  # below the total, even rounded
+    u = torch.minimum(torch.rand(total.shape, dtype=torch.float64, device=total.device) * total,
+                      total.nextafter(torch.zeros_like(total)))  # uniform below the total, rounded too
     return torch.searchsorted(cumulative, u, right=True).squeeze(1)
 
 
@@ -328,14 +326,13 @@ def output_logits(model, hidden):
     """The model's logits from its final hidden states [..., H] -> [..., V]: the output layer (tied
     to the embeddings or not), then what some models do to their final logits: Cohere multiplies
     by logit_scale, Granite divides by logits_scaling, Gemma 2 soft-caps, cap * tanh(logits / cap).
-    What model(...).logits holds, up to rounding (the product's order, below)."""
+    What model(...).logits holds, up to rounding: on a CPU a plain output layer is applied as
+    (b + W h^T)^T, as MKL's F.linear is 2.5x slower at the sampler's few rows (docs: Speed)."""
     config = model.config.get_text_config()
     layer = model.get_output_embeddings()
     plain = (type(layer) is torch.nn.Linear and "forward" not in vars(layer)  # not wrapped (autocast)
              and not layer._forward_hooks and not layer._forward_pre_hooks)  # no hooks to call
     if plain and hidden.device.type == "cpu":
-        # h W^T + b taken as (b + W h^T)^T: on a CPU (MKL) F.linear is 2.5x slower at the sampler's
-        # few rows and 1.2x at 128 (V 151,936, H 1,024; docs/measurements.md, Speed).
         rows = hidden.reshape(-1, hidden.shape[-1]).T  # [H, n]
         product = layer.weight @ rows if layer.bias is None else \
             torch.addmm(layer.bias[:, None], layer.weight, rows)  # [V, n]
