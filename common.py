@@ -9,7 +9,7 @@ What exists only for speed and memory (the sampler, the training forward pass, t
 chunk at a time) is engine.py's.
 """
 import argparse
-import importlib.util
+import importlib.metadata
 import json
 import math
 import os
@@ -324,13 +324,20 @@ def prepare_out(args):
 # with --batch-size B compute the gradient that one process with --batch-size N*B computes.
 
 
+def default_device():
+    """Where the scripts put their models: the GPU when there is one, else the CPU (tests/conftest.py
+    keeps every test but the GPU ones on the CPU)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def init_distributed():
     """Join torchrun's process group (NCCL on CUDA, gloo on CPU); a no-op in a single process.
     Ranks other than 0 print nothing: rank 0 logs for all."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
+        cuda = default_device().type == "cuda"
+        if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per rank
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo")
         if dist.get_rank() != 0:
             sys.stdout = open(os.devnull, "w")
 
@@ -343,13 +350,14 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def global_sum(value):
-    """The sum of a number over all ranks (the number itself in a single process)."""
+def global_sum(value, op=dist.ReduceOp.SUM):
+    """The sum of a number over all ranks (the number itself in a single process); with
+    op=dist.ReduceOp.MAX their largest."""
     if not dist.is_initialized():
         return value
     total = torch.tensor(float(value), dtype=torch.float64,
                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(total)
+    dist.all_reduce(total, op=op)
     return type(value)(total.item())
 
 
@@ -399,6 +407,22 @@ def load_tokenizer(name_or_path):
         raise cannot_load(name_or_path, error) from None
 
 
+def flash_attention_usable():
+    """Whether flash-attn is installed at version 2.1 or later. The training pass attends from a
+    completion's T positions to its prompt's and its own P + T keys (engine.completion_hidden);
+    Flash Attention aligns such a causal mask at the bottom right only since 2.1 (before: at the
+    top left, which is wrong here). An older one is not used, and said so."""
+    try:
+        version = importlib.metadata.version("flash_attn")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < (2, 1):
+        print(f"note: flash-attn {version} is older than 2.1 (causal masks of a shorter query "
+              "aligned at the top left): attention runs through SDPA instead")
+        return False
+    return True
+
+
 def load_model(name_or_path="toy", dtype="auto", full=False, gradient_checkpointing=False,
                device=None):
     """Load (model, tokenizer) to compute in `dtype`; Flash Attention 2 when installed, else SDPA.
@@ -413,9 +437,9 @@ def load_model(name_or_path="toy", dtype="auto", full=False, gradient_checkpoint
     from transformers.utils.logging import disable_progress_bar
     disable_progress_bar()  # per-file loading bars would drown the one-line-per-step log
     tokenizer, path = load_tokenizer(name_or_path), model_folder(name_or_path)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or default_device())
     dtype = compute_dtype(dtype, device)
-    has_flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    has_flash = device.type == "cuda" and flash_attention_usable()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32 if full else dtype,
@@ -529,8 +553,8 @@ def batch_indices(num_examples, batch_size, position, seed):
     indices = []
     for p in range(position, position + batch_size):
         epoch, offset = divmod(p, num_examples)
-        generator = torch.Generator().manual_seed(seed * 100003 + epoch)
-        indices.append(int(torch.randperm(num_examples, generator=generator)[offset]))
+        generator = torch.Generator().manual_seed(seed * 100003 + epoch)  # the CPU's, everywhere
+        indices.append(int(torch.randperm(num_examples, generator=generator, device="cpu")[offset]))
     return indices
 
 
@@ -658,10 +682,10 @@ def is_correct(completion, reference_answer):
 
 
 def judge(texts, examples, group_size):
-    """[N] bool: whether completion i answers examples[i // group_size] (`is_correct`); the
-    group_size completions of a problem are adjacent, as `sample_rollouts` returns them."""
+    """[N] bool, on the CPU: whether completion i answers examples[i // group_size] (`is_correct`);
+    the group_size completions of a problem are adjacent, as `sample_rollouts` returns them."""
     return torch.tensor([is_correct(text, examples[i // group_size]["answer"])
-                         for i, text in enumerate(texts)], dtype=torch.bool)
+                         for i, text in enumerate(texts)], dtype=torch.bool, device="cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -681,6 +705,24 @@ def sample_rollouts(run, examples, num_samples, thinking=False, model=None, mess
                                args.temperature, args.top_p, args.top_k, num_samples)
     run.state["generated_tokens"] += global_sum(rollouts["num_generated_tokens"])  # of all ranks
     return rollouts
+
+
+def logprob_gap(sampler_logprobs, trainer_logprobs):
+    """The sampler/trainer gap of a step, for its log: {"logprob_gap_mean", "logprob_gap_max"} of
+    |log p_sampler(y_t) - log p_trainer(y_t)| over the same tokens, [n] each (lists of them: the
+    micro-batches), on all ranks.
+
+    The sampler's log-probability (engine.generate: a cached decode, one token at a time) and the
+    training pass's (one forward over the whole completion) are the same number in exact
+    arithmetic; on a CPU in float32 they agree to about 1e-6, on a GPU in bfloat16 they do not, and
+    this says by how much. Methods that take pi_old from the training pass (GRPO here) assume the
+    gap is small; TRL corrects for it by importance sampling (TRL #4159)."""
+    gaps = (torch.cat(sampler_logprobs) - torch.cat(trainer_logprobs)).abs() if sampler_logprobs \
+        else torch.zeros(0, device="cpu")  # [n]; none when no row was trained
+    count = global_sum(gaps.numel())
+    largest = float(gaps.max()) if gaps.numel() else 0.0
+    return {"logprob_gap_mean": global_sum(float(gaps.sum())) / max(1, count),
+            "logprob_gap_max": global_sum(largest, op=dist.ReduceOp.MAX)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ Each function here equals a plain computation, and a test shows it:
 Every dependency on transformers internals (its cache classes, decoder and output layer) lives
 here. This file imports no file of the project, reads no command-line arguments and prints nothing.
 """
+from contextlib import contextmanager, nullcontext
+
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DummyLayer, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
@@ -54,18 +56,43 @@ def end_token_ids(model, tokenizer):
     return sorted({tokenizer.eos_token_id, *configured} - {None})
 
 
+def is_end_token(tokens, end_ids):
+    """Whether each token is one of end_ids: a bool tensor of tokens' shape. (torch.isin sorts
+    through torch.unique beyond a few elements, which waits for the GPU.)"""
+    return (tokens[..., None] == end_ids).any(-1)
+
+
 def sample_next_token(logits, temperature=0.0, top_p=1.0, top_k=0):
-    """One token per row from next-token logits [N, V], from exactly the distribution the flags name.
+    """One token per row from next-token logits [N, V], from exactly the distribution the flags name,
+    and its log-probability: (tokens [N], logprobs [N] float32).
 
     temperature 0: the argmax (greedy). Otherwise p = softmax(logits / temperature), restricted to the
     top_k most likely tokens (0: no restriction), then to the most likely tokens whose total
     probability reaches top_p (nucleus sampling, Holtzman et al. 2019, arXiv 1904.09751; 1: all),
     and renormalised: the order transformers applies them in. Nothing else changes the
     distribution: no repetition penalty or other default from a checkpoint's generation_config.json.
+
+    logprobs: log softmax(logits / temperature) at the drawn token (temperature 1 when greedy),
+    before top_k and top_p: what the trainer computes for the same token (`target_logprobs`), so
+    the two can be compared. NaN or infinite logits (a diverged model) give a NaN or infinite
+    log-probability, which `generate` turns into an error; the token is then still a valid id.
     """
     if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
+        tokens = logits.argmax(-1)
+    else:
+        tokens = inverse_cdf_draw(restrict(logits.float() / temperature, top_p, top_k))
+    return tokens, logprobs_of(logits, tokens, temperature or 1.0)
+
+
+def logprobs_of(logits, targets, temperature=1.0):
+    """log softmax(logits / temperature) at each row's target: [n, V], [n] -> [n] float32."""
+    scaled = logits.float() / temperature if temperature != 1 else logits.float()
+    return scaled.gather(-1, targets[:, None]).squeeze(-1) - scaled.logsumexp(-1)
+
+
+def restrict(logits, top_p, top_k):
+    """logits [N, V] with -inf outside the top_k most likely tokens, then outside the most likely
+    tokens whose probability reaches top_p (`sample_next_token`)."""
     if top_k > 0:
         kth_largest = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [N, 1]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
@@ -74,32 +101,40 @@ def sample_next_token(logits, temperature=0.0, top_p=1.0, top_k=0):
         tail = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p  # least likely, total <= 1 - top_p
         tail[:, -1] = False  # the most likely token always stays
         logits = logits.masked_fill(tail.scatter(1, order, tail), float("-inf"))  # back in vocab order
-    # The inverse CDF in float64 (exact; 40x faster than torch.multinomial at V = 151,936 on a CPU):
-    # token i where cumulative[i - 1] <= u < cumulative[i], so a token of probability 0 never comes.
+    return logits
+
+
+def inverse_cdf_draw(logits):
+    """One token per row of softmax(logits) [N, V], by the inverse CDF in float64 (exact; 40x faster
+    than torch.multinomial at V = 151,936 on a CPU): token i where cumulative[i - 1] <= u <
+    cumulative[i], so a token of probability 0 never comes. No host sync: a non-finite row (NaN
+    total) draws some valid id, never V."""
     cumulative = logits.softmax(-1, dtype=torch.float64).cumsum(-1)  # [N, V]
     total = cumulative[:, -1:]  # [N, 1], 1 up to rounding
-    if not torch.isfinite(total).all():
-        raise ValueError("next-token logits hold NaN or infinity: the model's weights diverged")
     u = torch.minimum(torch.rand(total.shape, dtype=torch.float64, device=total.device) * total,
                       total.nextafter(torch.zeros_like(total)))  # uniform below the total, rounded too
-    return torch.searchsorted(cumulative, u, right=True).squeeze(1)
+    return torch.searchsorted(cumulative, u, right=True).squeeze(1).clamp_(max=logits.shape[1] - 1)
 
 
 class PreallocatedLayer(DynamicLayer):
     """One attention layer's KV cache in buffers of [rows, heads, capacity, head_dim], written in
     place. transformers' DynamicLayer concatenates instead, which copies the whole cache at every
-    token (a fifth of a small model's sampling time). When full, the buffers double (up to
-    `max_length`), so each position is copied about once more in all, and the cache grows only as
-    long as the longest row. keys / values are views of the first `length` positions: attention
-    sees only those. Only what `generate` calls is adapted (update, repeating and selecting rows);
-    DynamicLayer's crop, reset and offloading do not know the buffers."""
+    token (a fifth of a small model's sampling time). With `preallocate`, the buffers hold the
+    whole rollout (max_length positions) from the first decode step on and never grow; otherwise
+    they double when full (up to max_length), so each position is copied about once more in all.
+    Buffers are in the values' dtype, the compute dtype: under autocast (--full) the keys come out
+    of a float32 norm and RoPE, and would take 1.5x the memory; attention casts them anyway.
+    keys / values are views of the first `length` positions: attention sees only those. Only what
+    `generate` calls is adapted (update, repeating and selecting rows); DynamicLayer's crop, reset
+    and offloading do not know the buffers."""
 
-    def __init__(self, max_length):
+    def __init__(self, max_length, preallocate=False):
         super().__init__()
-        self.max_length, self.length = max_length, 0
+        self.max_length, self.preallocate, self.length = max_length, preallocate, 0
 
     def lazy_initialization(self, key_states, value_states):
-        self.key_buffer, self.value_buffer = key_states[:, :, :0], value_states[:, :, :0]
+        self.key_buffer = key_states[:, :, :0].to(value_states.dtype)
+        self.value_buffer = value_states[:, :, :0]
         self.device, self.is_initialized = key_states.device, True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -109,7 +144,7 @@ class PreallocatedLayer(DynamicLayer):
         if self.length > self.key_buffer.shape[2]:  # full: double
             capacity = min(max(2 * self.key_buffer.shape[2], self.length), self.max_length)
             self.reallocate(torch.arange(key_states.shape[0], device=self.device), capacity, start)
-        self.key_buffer[:, :, start:self.length] = key_states
+        self.key_buffer[:, :, start:self.length] = key_states  # cast to the buffer's dtype
         self.value_buffer[:, :, start:self.length] = value_states
         self.keys = self.key_buffer[:, :, :self.length]  # views: no copy
         self.values = self.value_buffer[:, :, :self.length]
@@ -117,12 +152,11 @@ class PreallocatedLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats):
         rows = torch.arange(self.key_buffer.shape[0], device=self.device)
-        self.batch_select_indices(rows.repeat_interleave(repeats))
+        capacity = self.max_length if self.preallocate else self.key_buffer.shape[2]
+        self.reallocate(rows.repeat_interleave(repeats), capacity, self.length)
 
     def batch_select_indices(self, indices):
         self.reallocate(indices, self.key_buffer.shape[2], self.length)
-        self.keys = self.key_buffer[:, :, :self.length]
-        self.values = self.value_buffer[:, :, :self.length]
 
     def reallocate(self, rows, capacity, filled):
         """New buffers of `capacity` positions holding the first `filled` positions of `rows`."""
@@ -131,6 +165,44 @@ class PreallocatedLayer(DynamicLayer):
             new = old.new_empty(len(rows), old.shape[1], capacity, old.shape[3])
             new[:, :, :filled] = old[rows, :, :filled]
             setattr(self, name, new)
+        self.keys = self.key_buffer[:, :, :self.length]
+        self.values = self.value_buffer[:, :, :self.length]
+
+
+def rollout_fits(model, rows, length):
+    """Whether a KV cache of `rows` x `length` positions for every layer may be allocated whole:
+    on CUDA, if it takes at most half of the memory free there; elsewhere always (a CPU commits
+    the pages of an allocation only as they are written)."""
+    device = model.device
+    if device.type != "cuda":
+        return True
+    config = model.config.get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    cache_bytes = 2 * config.num_hidden_layers * rows * length * heads * head_dim * model.dtype.itemsize
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
+        - torch.cuda.memory_allocated(device)  # blocks the allocator holds are free to us
+    return cache_bytes <= free / 2
+
+
+@contextmanager
+def sdpa_attention(model):
+    """The model with PyTorch's scaled_dot_product_attention while decoding, its own implementation
+    back afterwards. Flash Attention 2 in transformers unpads left-padded rows at every layer and
+    step (a nonzero and a .item(): two host syncs a layer) and copies the cache view; SDPA takes
+    the padding as a mask. Training passes (`completion_hidden`) keep Flash Attention 2."""
+    implementation = model.config._attn_implementation
+    if implementation.startswith("flash_attention"):
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if model.config._attn_implementation != implementation:
+            model.set_attn_implementation(implementation)
+
+
+CHECK_EVERY = 8  # decode steps between two looks at which rows have ended: one host sync each
+COMPACT_FRACTION = 0.25  # ended rows leave the batch (and the cache) once they are this share of it
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all: 4% faster than no_grad on the tiny model
@@ -139,24 +211,34 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     """Sample `num_samples` completions per prompt with the model's KV cache (`sample_next_token`).
 
     Each prompt is prefilled once and its cache copied to its samples; a row stops at the first of
-    the model's end tokens (`end_token_ids`) and leaves the batch, so finished rows cost nothing.
-    temperature 0 is greedy decoding. Returns a dict with prompt_ids [N, P] (left padded),
-    prompt_mask [N, P], completion_ids [N, T] (right padded), completion_mask [N, T] (1 up to and
-    including the end token), finished [N] (ended with an end token, not cut by max_new_tokens),
-    texts (N decoded completions) and num_generated_tokens; N = len(prompts) * num_samples, rows of
-    one prompt adjacent.
+    the model's end tokens (`end_token_ids`). temperature 0 is greedy decoding. Returns a dict with
+    prompt_ids [N, P] (left padded), prompt_mask [N, P], completion_ids [N, T] (right padded),
+    completion_mask [N, T] (1 up to and including the end token), logprobs [N, T] (each drawn
+    token's log-probability, `sample_next_token`; 0 on padding), finished [N] (ended with an end
+    token, not cut by max_new_tokens), texts (N decoded completions) and num_generated_tokens;
+    N = len(prompts) * num_samples, rows of one prompt adjacent.
+
+    Written so that a GPU does not wait on the host: the loop never reads a tensor's value except
+    every CHECK_EVERY steps, when it asks how many rows have ended (one sync). An ended row keeps
+    its place and writes padding until COMPACT_FRACTION of the batch has ended; then those rows
+    leave the batch and the cache together. The cache is allocated whole when it fits
+    (`rollout_fits`), and decoding runs through SDPA (`sdpa_attention`) with the padding mask made
+    once here rather than by transformers at every step (with models whose layers all attend to
+    every earlier position; with sliding-window layers transformers makes it).
     """
     device = model.device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=False).to(device)
     prompt_ids, prompt_mask = encoded["input_ids"], encoded["attention_mask"]  # [prompts, P]
     end_ids = torch.tensor(end_token_ids(model, tokenizer), device=device)
+    num_rows, prompt_length = len(prompts) * num_samples, prompt_ids.shape[1]
+    max_length = prompt_length + max_new_tokens
     was_training = model.training
     model.eval()  # no dropout while sampling
     cache = DynamicCache(config=model.config)  # full-attention layers preallocated, others as they are
-    max_length = prompt_ids.shape[1] + max_new_tokens
-    cache.layers = [PreallocatedLayer(max_length) if type(layer) is DynamicLayer else layer
-                    for layer in cache.layers]
+    preallocate = rollout_fits(model, num_rows, max_length)
+    cache.layers = [PreallocatedLayer(max_length, preallocate) if type(layer) is DynamicLayer
+                    else layer for layer in cache.layers]
     decoder = model.get_decoder()
 
     def next_token_logits(input_ids, attention_mask, position_ids):  # [rows, V]: at the last position
@@ -164,43 +246,61 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
                          position_ids=position_ids, cache=cache, use_cache=True).last_hidden_state
         return output_logits(model, hidden[:, -1])
 
-    positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)  # real tokens only: padding shifts nothing
-    logits = next_token_logits(prompt_ids, prompt_mask, positions)
-    cache.batch_repeat_interleave(num_samples)  # the samples of a prompt share its prefix
-    logits = logits.repeat_interleave(num_samples, 0)  # [N, V]
-    num_rows, prompt_length = logits.shape[0], prompt_ids.shape[1]
-    attention_mask = torch.cat([prompt_mask.repeat_interleave(num_samples, 0),
-                                prompt_mask.new_ones(num_rows, max_new_tokens)], 1)  # [N, P + T]
-    next_position = positions[:, -1:].repeat_interleave(num_samples, 0) + 1  # [N, 1]
-    completion_ids = torch.full((num_rows, max_new_tokens), tokenizer.pad_token_id, device=device)
-    lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
-    finished = torch.zeros(num_rows, dtype=torch.bool, device=device)
-    active = torch.arange(num_rows, device=device)  # the rows still generating
-    for t in range(max_new_tokens):
-        tokens = sample_next_token(logits, temperature, top_p, top_k)  # [active rows]
-        completion_ids[active, t] = tokens
-        lengths[active] += 1
-        ended = torch.isin(tokens, end_ids)
-        finished[active[ended]] = True
-        if ended.all() or t + 1 == max_new_tokens:
-            break
-        if ended.any():  # finished rows leave the batch, and their cache rows with them
-            going_on = (~ended).nonzero().flatten()
-            cache.batch_select_indices(going_on)
-            active, tokens = active[going_on], tokens[going_on]
-            attention_mask, next_position = attention_mask[going_on], next_position[going_on]
-        logits = next_token_logits(tokens[:, None], attention_mask[:, :prompt_length + t + 1],
-                                   next_position)
-        next_position = next_position + 1
+    with sdpa_attention(model):
+        positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)  # real tokens only: padding shifts nothing
+        logits = next_token_logits(prompt_ids, prompt_mask, positions)
+        cache.batch_repeat_interleave(num_samples)  # the samples of a prompt share its prefix
+        logits = logits.repeat_interleave(num_samples, 0)  # [N, V]
+        # The key positions each row attends to: its prompt's real tokens and all new positions.
+        attended = torch.cat([prompt_mask.repeat_interleave(num_samples, 0),
+                              prompt_mask.new_ones(num_rows, max_new_tokens)], 1)  # [N, P + T]
+        if model.config._attn_implementation == "sdpa" and \
+                all(isinstance(layer, PreallocatedLayer) for layer in cache.layers):
+            attended = attended.bool()[:, None, None, :]  # [N, 1, 1, P + T]: SDPA's mask, as is
+        next_position = positions[:, -1:].repeat_interleave(num_samples, 0) + 1  # [N, 1]
+        completion_ids = torch.full((num_rows, max_new_tokens), tokenizer.pad_token_id,
+                                    device=device)
+        logprobs = torch.zeros(num_rows, max_new_tokens, device=device)
+        row_of = torch.arange(num_rows, device=device)  # the rollout row of each batch row
+        ended = torch.zeros(num_rows, dtype=torch.bool, device=device)  # [batch rows]
+        for t in range(max_new_tokens):
+            tokens, token_logprobs = sample_next_token(logits, temperature, top_p, top_k)
+            tokens = tokens.masked_fill(ended, tokenizer.pad_token_id)  # ended rows: padding
+            completion_ids[row_of, t], logprobs[row_of, t] = tokens, token_logprobs
+            ended |= is_end_token(tokens, end_ids)
+            if t + 1 == max_new_tokens:
+                break
+            if (t + 1) % CHECK_EVERY == 0:
+                num_ended, finite = torch.stack([ended.sum(), token_logprobs.isfinite().all()]).tolist()
+                if not finite:
+                    break  # the error is raised below
+                if num_ended == len(row_of):
+                    break
+                if num_ended >= COMPACT_FRACTION * len(row_of):  # they leave, with their cache
+                    going_on = (~ended).nonzero().flatten()
+                    cache.batch_select_indices(going_on)
+                    row_of, tokens, ended = row_of[going_on], tokens[going_on], ended[going_on]
+                    attended, next_position = attended[going_on], next_position[going_on]
+            logits = next_token_logits(tokens[:, None], attended[..., :prompt_length + t + 1],
+                                       next_position)
+            next_position = next_position + 1
     model.train(was_training)
+    # Lengths from the first end token (pad may be an end token too; ended rows wrote only pad).
+    is_end = is_end_token(completion_ids[:, :t + 1], end_ids)  # [N, steps]
+    finished = is_end.any(1)
+    lengths = torch.where(finished, is_end.int().argmax(1) + 1, t + 1)  # [N]
     completion_ids = completion_ids[:, :int(lengths.max())]
     # The mask comes from lengths, not from token equality: pad may equal an end token.
     completion_mask = (torch.arange(completion_ids.shape[1], device=device) < lengths[:, None]).long()
+    logprobs = logprobs[:, :completion_ids.shape[1]].masked_fill(completion_mask == 0, 0.0)
+    if not logprobs.isfinite().all():
+        raise ValueError("next-token logits hold NaN or infinity: the model's weights diverged")
     rollouts = {
         "prompt_ids": prompt_ids.repeat_interleave(num_samples, 0),
         "prompt_mask": prompt_mask.repeat_interleave(num_samples, 0),
         "completion_ids": completion_ids,
         "completion_mask": completion_mask,
+        "logprobs": logprobs,
         "finished": finished,
         "texts": [tokenizer.decode(ids[:n], skip_special_tokens=True)
                   for ids, n in zip(completion_ids.tolist(), lengths.tolist())],
@@ -231,13 +331,14 @@ def pack(prompts, completions, pad_id, device):
     distinct = {}  # prompt -> its index, in order of first appearance
     prompt_of_row = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
 
-    def padded(rows, left):
+    def padded(rows, left):  # built on the CPU from Python lists, then moved in one copy
         width = max(map(len, rows))
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device="cpu")
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device="cpu")
         for i, row in enumerate(rows):
             columns = slice(width - len(row), width) if left else slice(0, len(row))
-            ids[i, columns], mask[i, columns] = torch.tensor(row, dtype=torch.long), 1
+            ids[i, columns] = torch.tensor(row, dtype=torch.long, device="cpu")
+            mask[i, columns] = 1
         return ids.to(device), mask.to(device)
 
     prompt_ids, prompt_mask = padded(list(distinct), left=True)
@@ -461,17 +562,20 @@ def token_logprobs(model, batch, temperature=1.0, chunk_size=128):
 
 
 def compare_logits_in_chunks(function, student, student_hidden, teacher, teacher_hidden,
-                             chunk_size=128):
-    """function(student logits, teacher logits) at each of n positions: [n]. student_hidden,
-    teacher_hidden: [n, H] final hidden states of the two models (the same model for OPSD's
-    self-teacher), row i of both at the same completion token. `function` maps two [c, V] logits
-    to [c], or to [c] and [c, m] monitored values (`chunked_output_layer`). The logits exist `chunk_size` positions at a time (`chunked_output_layer`); the gradient
-    flows into the student only: the teacher's logits are a target, computed without gradient.
+                             chunk_size=128, teacher_context=nullcontext, extra=()):
+    """function(student logits, teacher logits, *extra rows) at each of n positions: [n].
+    student_hidden, teacher_hidden: [n, H] final hidden states of the two models (the same model
+    for OPSD's self-teacher), row i of both at the same completion token; `extra`: more [n, ...]
+    tensors whose rows go with them (the completion token ids, say). `function` maps two [c, V]
+    logits to [c], or to [c] and [c, m] monitored values (`chunked_output_layer`). The logits
+    exist `chunk_size` positions at a time; the gradient flows into the student only: the
+    teacher's logits are a target, computed without gradient, inside teacher_context(teacher)
+    (OPSD's EMA teacher: the same model with averaged weights swapped in, its output layer too).
     Equal to the same function of the full logits: tests/test_fused_losses.py.
     """
-    def chunk_values(student_chunk, teacher_chunk):  # [c, H] each -> [c]
-        with torch.no_grad():
+    def chunk_values(student_chunk, teacher_chunk, *extra_chunks):  # [c, H] each -> [c]
+        with torch.no_grad(), teacher_context(teacher):  # before the student's: see ema_weights
             teacher_logits = output_logits(teacher, teacher_chunk)
-        return function(output_logits(student, student_chunk), teacher_logits)
-    return chunked_output_layer(chunk_values, [student_hidden, teacher_hidden.detach()], chunk_size,
-                                list(student.get_output_embeddings().parameters()))
+        return function(output_logits(student, student_chunk), teacher_logits, *extra_chunks)
+    return chunked_output_layer(chunk_values, [student_hidden, teacher_hidden.detach(), *extra],
+                                chunk_size, list(student.get_output_embeddings().parameters()))

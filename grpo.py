@@ -247,7 +247,8 @@ def rewards_and_advantages(rollouts, examples, args):
     --garl-q amplified by each problem's success rate (`cold_start_amplification`)."""
     group_size = args.num_generations
     correct = common.judge(rollouts["texts"], examples, group_size)  # [N]
-    readable = torch.tensor([common.extract_answer(text) is not None for text in rollouts["texts"]])
+    readable = torch.tensor([common.extract_answer(text) is not None for text in rollouts["texts"]],
+                            device="cpu")  # rewards and advantages: [N] numbers, on the CPU
     rewards = reward(correct, readable, args.format_reward)
     advantages = group_advantages(rewards, group_size, scale=args.scale_rewards == "group")
     if args.garl_q > 0:
@@ -315,9 +316,14 @@ def main(argv=None):
 
         # 5. mu policy updates on the same rollouts.
         loss_sum, clipped, kl_sum = 0.0, 0.0, 0.0
-        for _ in range(args.num_iterations):
+        sampler_logprobs, trainer_logprobs = [], []  # the first update's: the sampled policy's
+        for iteration in range(args.num_iterations):
             for b, (rows, batch) in enumerate(zip(micro_batches, packed)):
                 logp, completion_mask = logprobs(batch), batch["completion_mask"]  # [B, T]
+                if iteration == 0:
+                    mask = completion_mask.bool()
+                    sampler_logprobs.append(rollouts["logprobs"][rows, :mask.shape[1]][mask])
+                    trainer_logprobs.append(logp.detach()[mask])
                 old_logp = old_logps[b] if old_logps else logp.detach()
                 ref_logp = ref_logps[b] if ref_logps else None
                 loss = policy_loss(logp, old_logp, advantages[rows].to(model.device),
@@ -350,6 +356,7 @@ def main(argv=None):
                 rollouts["completion_mask"].sum(1).float().mean().item()),
             "clip_fraction": common.global_sum(clipped) / scored_tokens,
             **({"kl": common.global_sum(kl_sum) / scored_tokens} if args.beta > 0 else {}),
+            **common.logprob_gap(sampler_logprobs, trainer_logprobs),
             "loss": common.global_sum(loss_sum), "grad_norm": grad_norm}, train_tokens + sft_tokens)
     common.finish_run(run)
 

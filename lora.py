@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -41,7 +42,22 @@ class LoRALinear(nn.Module):
         if dora:  # DoRA's magnitude m: [out], the norm of each row of W (PEFT's name)
             self.lora_magnitude_vector = nn.Parameter(base_layer.weight.detach().float().norm(dim=1))
         self.disabled = False
-        self.cached_scale = None  # (versions of W, A, B and m, dora_scale()) for decoding
+        self.cached_scale = None  # (state of W, A, B and m, dora_scale()) for decoding
+        self.cached_weights = None  # (dtype and state of A and B, A and B in that dtype)
+
+    def decoding_cache(self, attribute, parameters, compute):
+        """compute(), or in inference mode (sampling: one call per generated token) its value from
+        the last call, kept in `attribute` until one of `parameters` changes: in place (its version
+        counter) or swapped for other data (its address: OPSD's EMA teacher swaps weights in)."""
+        if not torch.is_inference_mode_enabled():
+            setattr(self, attribute, None)
+            return compute()
+        state = tuple((p.data_ptr(), p._version, p.dtype) for p in parameters)
+        cached = getattr(self, attribute)
+        if cached is None or cached[0] != state:
+            cached = (state, compute())
+            setattr(self, attribute, cached)
+        return cached[1]
 
     def delta_weight(self):
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # [out, in]
@@ -49,17 +65,21 @@ class LoRALinear(nn.Module):
     def dora_scale(self):
         """m / ||W + s B A|| per output row: [out], the norm detached (DoRA's section 4.3).
 
-        It costs a pass over W. In inference mode (sampling: one call per generated token) it is
-        computed once and reused until W, A, B or m change (their in-place version counters)."""
-        decoding = torch.is_inference_mode_enabled()
-        versions = tuple(p._version for p in (self.base_layer.weight, self.lora_A.weight,
-                                              self.lora_B.weight, self.lora_magnitude_vector))
-        if decoding and self.cached_scale is not None and self.cached_scale[0] == versions:
-            return self.cached_scale[1]
-        weight = self.base_layer.weight.float() + self.delta_weight().detach()
-        scale = self.lora_magnitude_vector / weight.norm(dim=1).clamp(min=1e-12)
-        self.cached_scale = (versions, scale) if decoding else None
-        return scale
+        It costs a pass over W: while sampling it is computed once (`decoding_cache`)."""
+        def scale():
+            weight = self.base_layer.weight.float() + self.delta_weight().detach()
+            return self.lora_magnitude_vector / weight.norm(dim=1).clamp(min=1e-12)
+        return self.decoding_cache("cached_scale", (self.base_layer.weight, self.lora_A.weight,
+                                                    self.lora_B.weight, self.lora_magnitude_vector),
+                                   scale)
+
+    def weights_in(self, dtype):
+        """(A, B) in `dtype`: the float32 weights themselves, or their casts (cast once while
+        sampling, `decoding_cache`: two kernels a layer and token fewer on a GPU)."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if a.dtype == dtype:
+            return a, b
+        return self.decoding_cache("cached_weights", (a, b), lambda: (a.to(dtype), b.to(dtype)))
 
     def adapted_weight(self):
         """The weight this layer computes with: W + s B A (LoRA) or DoRA's W', float32 [out, in]."""
@@ -70,18 +90,22 @@ class LoRALinear(nn.Module):
         y = self.base_layer(x)
         if self.disabled:
             return y
-        dropped = self.dropout(x.to(self.lora_A.weight.dtype))
-        update = self.scaling * self.lora_B(self.lora_A(dropped))
+        # The products in the input's dtype (bfloat16 on a GPU: a float32 GEMM there is several
+        # times slower), from float32 master weights: the cast's gradient reaches them in float32.
+        dropped = self.dropout(x)
+        a, b = self.weights_in(x.dtype)
+        update = F.linear(F.linear(dropped, a), b)  # B A x
         if not self.dora:
-            return y + update.to(y.dtype)
+            return y.add(update, alpha=self.scaling)  # y + s B A x
         # DoRA: m/n (W x + s B A x) + bias = y + (m/n - 1) W x + m/n s B A x, W x = y - bias.
         # With dropout in training, W x is taken on the dropped-out input, as PEFT does.
         scale = self.dora_scale()  # [out]
         if self.training and not isinstance(self.dropout, nn.Identity):
-            base = nn.functional.linear(dropped, self.base_layer.weight.to(dropped.dtype))
+            base = F.linear(dropped, self.base_layer.weight.to(dropped.dtype))
         else:
             base = y - self.base_layer.bias if self.base_layer.bias is not None else y
-        return y + ((scale - 1) * base.to(scale.dtype) + scale * update).to(y.dtype)
+        return y + ((scale - 1) * base.to(scale.dtype)
+                    + scale * self.scaling * update.to(scale.dtype)).to(y.dtype)
 
 
 def lora_layers(model):

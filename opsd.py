@@ -238,7 +238,8 @@ def paced_weights(correct, group_size, alpha=1.0, beta=1.0):
 
 
 def divergence(student, student_hidden, teacher, teacher_hidden, weights, beta=0.0,
-               temperature=1.0, clip=0.0, chunk_size=128, clip_per="entry", top_k=0):
+               temperature=1.0, clip=0.0, chunk_size=128, clip_per="entry", top_k=0,
+               teacher_context=nullcontext, completion_ids=None):
     """Token mean over the completion of the full-vocabulary divergence D(P_T || P_S) (OPSD eq. for
     the full-distribution objective, arXiv 2601.18734; generalized JSD of GKD, arXiv 2306.13649):
 
@@ -246,33 +247,40 @@ def divergence(student, student_hidden, teacher, teacher_hidden, weights, beta=0
 
     z^S_t, z^T_t: the student's and the teacher's logits at completion position t, from their final
     hidden states student_hidden, teacher_hidden [N, T, H] (`engine.completion_hidden`; position t
-    predicts completion token t) through the output layers of the models `student` and `teacher`.
+    predicts completion token t) through the output layers of the models `student` and `teacher`
+    (the teacher's taken inside teacher_context(teacher): `teacher_model`).
     weights m: [N, T], 1 on completion tokens (EOS included) and 0 elsewhere, times the row's
     `paced_weights` with --paced, over the row's length with --loss-norm sequence (`token_weights`).
     D is `pointwise_divergence` (the formulas, the cap, which direction is "forward"), with top_k > 0
     over the teacher's top K tokens only (`top_k_logits`). Gradients flow into the student only. The
     logits exist a chunk of positions at a time (`engine.compare_logits_in_chunks`), never as
     [N, T, V]. Returns (L, [2]: the same weighted means of the uncapped divergence and of the
-    teacher's mass the cap removed, for the log).
+    teacher's mass the cap removed, for the log, and with completion_ids [N, T] the student's
+    log softmax(z^S_t / T) of each completion token at the weighted positions, [n], for the log's
+    sampler/trainer gap; else None).
 
     The clip, and why it can hurt: a capped entry j has zero gradient of its own, but through the
     softmax the uncapped entries still push on z_j with d/dz_j = p_S(j) * P_T(uncapped) > 0, i.e.
     the student's logit of a token the teacher strongly prefers goes *down*. On real LLMs few
     entries exceed 0.05; on the toy, whose teacher and student disagree sharply on digits, many do.
     """
-    def per_position(student_logits, teacher_logits):  # [c, V] each -> [c], [c, 2]
+    def per_position(student_logits, teacher_logits, *targets):  # [c, V] each -> [c], [c, 2 or 3]
+        logprobs = [engine.logprobs_of(student_logits, targets[0], temperature)] if targets else []
         if top_k:
             student_logits, teacher_logits = top_k_logits(student_logits, teacher_logits, top_k)
         loss, uncapped, capped_mass = pointwise_divergence(student_logits, teacher_logits, beta,
                                                            temperature, clip, clip_per)
-        return loss, torch.stack([uncapped, capped_mass], -1)
+        return loss, torch.stack([uncapped, capped_mass, *logprobs], -1)
     mask = weights > 0
-    values, monitored = engine.compare_logits_in_chunks(  # [n], [n, 2]: at each weighted position
-        per_position, student, student_hidden[mask], teacher, teacher_hidden[mask], chunk_size)
+    extra = [completion_ids[mask]] if completion_ids is not None else []
+    values, monitored = engine.compare_logits_in_chunks(  # [n], [n, 2 or 3]: at weighted positions
+        per_position, student, student_hidden[mask], teacher, teacher_hidden[mask], chunk_size,
+        teacher_context, extra)
     position_weights = weights[mask].float()  # [n]
     total = position_weights.sum().clamp(min=1e-8)
     return ((values * position_weights).sum() / total,
-            (monitored * position_weights[:, None]).sum(0) / total)
+            (monitored[:, :2] * position_weights[:, None]).sum(0) / total,
+            monitored[:, 2] if extra else None)
 
 
 def sampled_token_loss(student_logprobs, teacher_logprobs, weights):
@@ -431,10 +439,10 @@ def main(argv=None):
         teacher_prompts = prompt_ids(tokenizer, examples, teacher_message(args.teacher_prompt),
                                      args.teacher_thinking, group_size)
 
-        row_weights = torch.ones(len(completions))  # [N]
+        row_weights = torch.ones(len(completions), device=model.device)  # [N]
         metrics = {"rollouts": sampler} if args.teacher_rollout_steps else {}
         if args.paced:  # PACED: each rollout weighted by its problem's pass rate
-            correct = common.judge(rollouts["texts"], examples, group_size)  # [N]
+            correct = common.judge(rollouts["texts"], examples, group_size).to(model.device)  # [N]
             row_weights = paced_weights(correct, group_size, args.paced_alpha, args.paced_beta)
             metrics.update(pass_rate=common.global_mean(correct.float().mean().item()),
                            paced_weight=common.global_mean(row_weights.mean().item()))
@@ -443,7 +451,8 @@ def main(argv=None):
             row_weights, rollouts["completion_mask"], args.loss_norm).sum()))
         beta = divergence_beta(args, run.step)
         trained_rows = row_weights.nonzero().flatten().tolist()  # rows of weight 0: not trained
-        loss_sum, monitored_sum, train_tokens = 0.0, torch.zeros(2), 0
+        loss_sum, monitored_sum, train_tokens = 0.0, torch.zeros(2, device=model.device), 0
+        sampler_logprobs, trainer_logprobs = [], []  # of the student's own samples: the gap
         for first in range(0, len(trained_rows), args.micro_batch_size):
             rows = trained_rows[first:first + args.micro_batch_size]
             student_batch = engine.pack([student_prompts[i] for i in rows],
@@ -456,25 +465,29 @@ def main(argv=None):
                 teacher_hidden = engine.completion_hidden(teacher, teacher_batch)  # [B, T, H]
             student_hidden = engine.completion_hidden(model, student_batch)  # [B, T, H]
             completion_mask = student_batch["completion_mask"]  # [B, T]
-            weights = token_weights(row_weights[rows].to(model.device), completion_mask,
+            weights = token_weights(row_weights[rows], completion_mask,
                                     args.loss_norm)  # [B, T]
             # 4. The loss on this micro-batch is a (weighted) token mean; weight it by its share of
             # the step's tokens so the step's loss is the token mean over all of them.
             weight = float(weights.sum()) / num_tokens
+            mask = completion_mask.bool()
             if args.loss == "full":
-                loss, monitored = divergence(model, student_hidden, teacher, teacher_hidden, weights,
-                                             beta, args.temperature, args.clip, args.chunk_size,
-                                             args.clip_per, args.teacher_top_k)
-                monitored_sum += monitored.cpu() * weight
+                loss, monitored, student_logprobs = divergence(
+                    model, student_hidden, teacher, teacher_hidden, weights, beta,
+                    args.temperature, args.clip, args.chunk_size, args.clip_per,
+                    args.teacher_top_k, teacher_context, student_batch["completion_ids"])
+                monitored_sum += monitored * weight
             else:
-                mask = completion_mask.bool()
                 targets = student_batch["completion_ids"][mask]
-                with torch.no_grad():
+                with torch.no_grad(), teacher_context(teacher):
                     teacher_logprobs = engine.target_logprobs(
                         teacher, teacher_hidden[mask], targets, args.temperature, args.chunk_size)
                 student_logprobs = engine.target_logprobs(
                     model, student_hidden[mask], targets, args.temperature, args.chunk_size)
                 loss = sampled_token_loss(student_logprobs, teacher_logprobs, weights[mask])
+            if sampler == "student":  # the same tokens' log-probabilities from the sampler
+                sampler_logprobs.append(rollouts["logprobs"][rows, :mask.shape[1]][mask])
+                trainer_logprobs.append(student_logprobs.detach())
             (loss * weight).backward()
             loss_sum += loss.item() * weight
             train_tokens += sum(int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
@@ -485,6 +498,8 @@ def main(argv=None):
         if args.loss == "full":  # what the student learns, beside the (capped) loss
             uncapped, capped_mass = (common.global_sum(float(value)) for value in monitored_sum)
             metrics.update(uncapped_divergence=uncapped, capped_mass=capped_mass)
+        if sampler == "student":
+            metrics.update(common.logprob_gap(sampler_logprobs, trainer_logprobs))
         common.end_step(run, {
             "loss": common.global_sum(loss_sum), **metrics,
             "completion_length": common.global_mean(

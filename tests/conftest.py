@@ -9,10 +9,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs on the GPU (tests/test_gpu.py); the others on the CPU")
+
+
+@pytest.fixture(autouse=True)
+def on_the_cpu(request, monkeypatch):
+    """Every test but those marked gpu runs on the CPU, on a machine with a GPU too: the scripts'
+    models go where common.default_device() says, and these tests' batches, expected numbers and
+    exact comparisons are the CPU's."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setattr(common, "default_device", lambda: torch.device("cpu"))
+
+
 @pytest.fixture(scope="session")
 def toy():
-    """The built-in toy model and tokenizer, loaded once (tests copy it before changing it)."""
-    return common.load_model("toy")
+    """The built-in toy model and tokenizer on the CPU, loaded once (tests copy it before changing
+    it)."""
+    return common.load_model("toy", device="cpu")
 
 
 @pytest.fixture

@@ -40,6 +40,7 @@ def seeded_rollouts(run, examples, *args, **kwargs):
             "prompt_mask": padded("prompt_mask", prompt_width, 0, left=True),
             "completion_ids": padded("completion_ids", completion_width, pad, left=False),
             "completion_mask": padded("completion_mask", completion_width, 0, left=False),
+            "logprobs": padded("logprobs", completion_width, 0.0, left=False),
             "finished": torch.cat([part["finished"] for part in parts]),
             "texts": [text for part in parts for text in part["texts"]],
             "num_generated_tokens": sum(part["num_generated_tokens"] for part in parts)}

@@ -114,3 +114,20 @@ def test_full_fine_tuning_in_bfloat16_loses_no_update():
     apply_lora(model, r=4, alpha=8)
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
+def test_flash_attention_is_used_from_version_2_1_on(monkeypatch):
+    """The training pass needs a causal mask aligned at the bottom right (a shorter query than its
+    keys), which flash-attn has since 2.1: an older one is left out, with a note."""
+    import importlib.metadata
+
+    def installed(version):
+        def lookup(name):
+            if version is None:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return version
+        return lookup
+    for version, usable in [(None, False), ("2.0.9", False), ("1.0.4", False), ("2.1.0", True),
+                            ("2.8.3.post1", True)]:
+        monkeypatch.setattr(importlib.metadata, "version", installed(version))
+        assert common.flash_attention_usable() is usable

@@ -230,22 +230,41 @@ def test_sample_next_token_draws_the_exact_truncated_distribution():
     expected = torch.where(keep, probs, torch.zeros_like(probs))
     expected = expected / expected.sum()
     torch.manual_seed(0)
-    draws = torch.cat([engine.sample_next_token(logits.expand(1000, -1), temperature, top_p, top_k)
+    draws = torch.cat([engine.sample_next_token(logits.expand(1000, -1), temperature, top_p, top_k)[0]
                        for _ in range(40)])
     frequencies = torch.bincount(draws, minlength=8).float() / len(draws)
     assert (frequencies - expected).abs().max() < 0.006
     assert frequencies[~keep].sum() == 0
-    assert engine.sample_next_token(logits, temperature=0.0).item() == 0  # greedy: the argmax
+    tokens, logprobs = engine.sample_next_token(logits, temperature=0.0)
+    assert tokens.item() == 0  # greedy: the argmax
+    assert logprobs.item() == pytest.approx(torch.log_softmax(logits[0], -1)[0].item())
 
 
-def test_a_diverged_model_stops_sampling_with_an_error():
-    """NaN or infinite logits (a diverged run) stop the sampler instead of drawing token V, an id
-    past the vocabulary that would fail later and far away (on CUDA: a device-side assert)."""
+def test_the_sampler_returns_the_untruncated_logprob_at_its_temperature():
+    """The log-probability that comes with a draw is log softmax(logits / temperature) at the drawn
+    token, before top-k and top-p: what the trainer computes for it (engine.target_logprobs)."""
+    torch.manual_seed(0)
+    logits = torch.randn(64, 50) * 3
+    tokens, logprobs = engine.sample_next_token(logits, temperature=0.7, top_p=0.8, top_k=10)
+    expected = torch.log_softmax(logits / 0.7, -1).gather(1, tokens[:, None]).squeeze(1)
+    assert torch.allclose(logprobs, expected, atol=1e-5)
+
+
+def test_a_diverged_model_stops_sampling_with_an_error(toy_model):
+    """NaN or infinite logits (a diverged run) stop the sampler with one clear error, and no token
+    drawn from them is V, an id past the vocabulary that would fail later and far away (on CUDA:
+    a device-side assert)."""
     for bad in (float("nan"), float("inf"), float("-inf")):
         logits = torch.zeros(2, 8)
         logits[1] = bad
-        with pytest.raises(ValueError, match="NaN or infinity"):
-            engine.sample_next_token(logits, temperature=1.0)
+        tokens, logprobs = engine.sample_next_token(logits, temperature=1.0)
+        assert tokens.max() < 8 and not logprobs[1].isfinite()
+    model, tokenizer = toy_model
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))  # every hidden state, so every logit, is NaN
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        engine.generate(model, tokenizer, toy_prompts(tokenizer, 2), max_new_tokens=20,
+                        temperature=1.0)
 
 
 def test_generation_stops_at_any_end_token_of_the_generation_config(toy_model):

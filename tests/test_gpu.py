@@ -18,7 +18,8 @@ import grpo
 import opsd
 import sft
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.gpu]
 RUN = ["--data", "toy", "--steps", "2", "--batch-size", "8", "--max-new-tokens", "128",
        "--eval-n", "16", "--eval-batch-size", "16", "--gradient-checkpointing"]
 

@@ -272,3 +272,13 @@ def test_bad_combinations_fail_in_one_line_before_the_model_loads(argv, message,
     monkeypatch.setattr(common, "load_model", lambda *args, **kwargs: pytest.fail("loaded"))
     with pytest.raises(common.InputError, match=message):
         grpo.main(argv + ["--out", "unused"])
+
+
+def test_the_log_shows_the_gap_between_sampler_and_trainer_logprobs(tmp_path):
+    """pi_old is the training pass's log-probability (detached); the sampler drew the tokens with
+    its own. On a CPU in float32 the two agree up to rounding, and the log says so each step."""
+    grpo.main(["--steps", "1", "--batch-size", "4", "--num-generations", "4", "--eval-n", "0",
+               "--max-new-tokens", "24", "--temperature", "0.9", "--top-k", "5",
+               "--out", str(tmp_path)])
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert 0 <= row["logprob_gap_mean"] <= row["logprob_gap_max"] < 1e-4

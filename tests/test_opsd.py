@@ -243,7 +243,7 @@ def test_per_token_cap_caps_each_sum_and_passes_no_gradient_above_it():
 def test_monitored_uncapped_divergence_and_capped_mass(clip_per):
     student, teacher, mask = random_logits()
     clip = 0.05 if clip_per == "entry" else 1.5
-    _, monitored = opsd.divergence(LogitsModel, student, LogitsModel, teacher, mask, 0.0, 1.0, clip,
+    _, monitored, _ = opsd.divergence(LogitsModel, student, LogitsModel, teacher, mask, 0.0, 1.0, clip,
                                    clip_per=clip_per)
     uncapped, masses = [], []
     for i, t in [(i, t) for i in range(3) for t in range(5) if mask[i, t]]:
@@ -470,3 +470,39 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [2] and math.isfinite(rows[0]["loss"])
     assert common.latest_checkpoint(out).name == "checkpoint-000002"
+
+
+def test_the_ema_teacher_of_full_fine_tuning_scores_with_its_averaged_output_layer(tmp_path,
+                                                                                   monkeypatch):
+    """--teacher ema --full: the teacher's logits come from the averaged weights, its output layer
+    included (they once came from the student's live output layer, which LoRA never adapts but
+    --full trains). With the average held at the initial weights the EMA teacher is the fixed
+    teacher, so the two runs' losses at step 2 are the same."""
+    initial = {name: parameter.detach().clone() for name, parameter
+               in common.load_model("toy", full=True, device="cpu")[0].named_parameters()}
+
+    def hold_initial(ema, model, decay):
+        ema.update({name: initial[name].clone() for name, parameter in model.named_parameters()
+                    if parameter.requires_grad})
+    monkeypatch.setattr(opsd, "ema_update", hold_initial)
+    quick = ["--full", "--steps", "2", "--batch-size", "4", "--eval-n", "0",
+             "--max-new-tokens", "24"]
+    opsd.main(quick + ["--teacher", "ema", "--out", str(tmp_path / "ema")])
+    opsd.main(quick + ["--out", str(tmp_path / "fixed")])
+    ema, fixed = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
+                  for name in ("ema", "fixed"))
+    assert ema[0]["loss"] != pytest.approx(ema[1]["loss"], rel=1e-3)  # the student moved
+    assert ema[1]["loss"] == pytest.approx(fixed[1]["loss"], rel=1e-5)
+    assert ema[1]["uncapped_divergence"] == pytest.approx(fixed[1]["uncapped_divergence"], rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_the_log_shows_the_gap_between_sampler_and_trainer_logprobs(loss, tmp_path):
+    """The sampler's log-probability of each drawn token and the training pass's are the same
+    number: on a CPU in float32 the logged gap is rounding (the sampler's must be taken at the
+    sampling temperature and before top-k and top-p, as the trainer's)."""
+    opsd.main(["--steps", "1", "--batch-size", "4", "--eval-n", "0", "--max-new-tokens", "24",
+               "--temperature", "0.8", "--top-k", "5", "--top-p", "0.9", "--loss", loss,
+               "--out", str(tmp_path)])
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert 0 <= row["logprob_gap_mean"] <= row["logprob_gap_max"] < 1e-4

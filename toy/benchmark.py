@@ -48,6 +48,16 @@ included; ours to the completion positions only.
 rollouts: seconds to sample one step of those rollouts (8 prompts x 8 samples x 48 tokens, the
 "tiny" model) with engine.generate and with transformers' model.generate at identical sampling.
 
+decode: what one rollout of engine.generate asks of the machine, counted on the CPU with
+torch.profiler (the toy model, SDPA, float32, 8 prompts x 4 samples x 32 new tokens at temperature
+0.7, without LoRA and with LoRA r 16): the top-level aten calls per decode step and per decoder
+layer and step (each one a kernel launch on a GPU), the sync-like calls per step (item, is_nonzero,
+nonzero, masked_select, equal, tolist: each a wait of the CPU for the GPU there) and the KV
+cache's reallocations per rollout (new buffers for every layer, counted once). A CPU proxy for a
+GPU's launch and sync costs, not a GPU measurement:
+
+    python toy/benchmark.py decode
+
 Run it on a machine that does nothing else if the times matter: on 2 CPU cores, a test suite
 running beside it made steps 2 to 15 times slower (two processes of 2 threads each on 2 cores). The
 peaks do not depend on it.
@@ -381,6 +391,100 @@ def rollout_speed(args):
     print(json.dumps({"benchmark": "rollouts", "model": str(model_path), "seconds": times}))
 
 
+SYNC_OPS = {"aten::item", "aten::is_nonzero", "aten::nonzero", "aten::_local_scalar_dense",
+            "aten::masked_select", "aten::equal"}  # each reads a GPU result on the host
+
+
+def decode_counts(args):
+    """The `decode` benchmark: aten calls, sync-like calls and cache reallocations of one rollout."""
+    import torch
+    from torch.autograd.profiler import record_function
+    from torch.overrides import TorchFunctionMode
+    from torch.profiler import ProfilerActivity, profile
+
+    import common
+    import engine
+    from lora import apply_lora
+
+    class CountToList(TorchFunctionMode):  # tolist() copies to the host: a sync on a GPU
+        count = 0
+
+        def __torch_function__(self, func, types, func_args=(), kwargs=None):
+            CountToList.count += func is torch.Tensor.tolist
+            return func(*func_args, **(kwargs or {}))
+
+    model, tokenizer = common.load_model("toy", "float32", device="cpu")
+    prompts = [common.chat_prompt(tokenizer, common.student_message(example))
+               for example in common.load_examples("toy", "test")[:8]]
+    decoder, reallocations = model.get_decoder(), []
+    real_reallocate = engine.PreallocatedLayer.reallocate
+
+    def counted_reallocate(layer, *rest, **kwargs):
+        reallocations.append(id(layer))
+        return real_reallocate(layer, *rest, **kwargs)
+
+    def enter_layer(module, _):
+        module.profiled_range = record_function("decoder layer")
+        module.profiled_range.__enter__()
+
+    def exit_layer(module, *_):
+        module.profiled_range.__exit__(None, None, None)
+
+    forward_passes = []
+    hooks = [decoder.register_forward_pre_hook(lambda *_: forward_passes.append(1))]
+    for layer in decoder.layers:
+        hooks += [layer.register_forward_pre_hook(enter_layer), layer.register_forward_hook(exit_layer)]
+    engine.PreallocatedLayer.reallocate = counted_reallocate
+    results = {}
+    try:
+        for label, rank in [("toy", 0), ("toy, LoRA r 16", 16)]:
+            if rank:
+                apply_lora(model, rank, 2 * rank)
+            torch.manual_seed(0)
+            engine.generate(model, tokenizer, prompts, 32, 0.7, num_samples=4)  # warm-up
+            torch.manual_seed(0)
+            forward_passes.clear(), reallocations.clear()
+            CountToList.count = 0
+            with profile(activities=[ProfilerActivity.CPU]) as profiler, CountToList():
+                rollouts = engine.generate(model, tokenizer, prompts, 32, 0.7, num_samples=4)
+            steps = len(forward_passes) - 1  # the first pass is the prefill
+            events = profiler.events()
+            top_level = [e for e in events if e.name.startswith("aten::") and (
+                e.cpu_parent is None or e.cpu_parent.name == "decoder layer")]
+            in_layers = [e for e in top_level if e.cpu_parent is not None]
+
+            def has_sync_ancestor(event):
+                parent = event.cpu_parent
+                while parent is not None:
+                    if parent.name in SYNC_OPS:
+                        return True
+                    parent = parent.cpu_parent
+                return False
+            syncs = sum(e.name in SYNC_OPS and not has_sync_ancestor(e) for e in events)
+            results[label] = {
+                "decode_steps": steps, "generated_tokens": rollouts["num_generated_tokens"],
+                "aten_calls_per_step": round(len(top_level) / steps, 1),
+                "aten_calls_per_layer_and_step": round(
+                    len(in_layers) / (len(forward_passes) * len(decoder.layers)), 1),
+                "sync_calls_per_step": round((syncs + CountToList.count) / steps, 2),
+                "cache_reallocations_per_rollout": len(reallocations) // len(decoder.layers)}
+    finally:
+        engine.PreallocatedLayer.reallocate = real_reallocate
+        for hook in hooks:
+            hook.remove()
+    print(f"one rollout of engine.generate on the toy model, CPU, {len(prompts)} prompts x 4 "
+          "samples x 32 new tokens, temperature 0.7")
+    print("| model | decode steps | aten calls / step | aten calls / layer and step | "
+          "sync-like calls / step | cache reallocations / rollout |")
+    print("|---|---|---|---|---|---|")
+    for label, row in results.items():
+        print(f"| {label} | {row['decode_steps']} | {row['aten_calls_per_step']} | "
+              f"{row['aten_calls_per_layer_and_step']} | {row['sync_calls_per_step']} | "
+              f"{row['cache_reallocations_per_rollout']} |")
+    print(json.dumps({"benchmark": "decode", "results": results}))
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -408,6 +512,7 @@ def main():
                                 help="steps per run; the first is left out (default: 4)")
     parser_distill.add_argument("--repeats", type=int, default=3,
                                 help="run each implementation this many times, alternating")
+    commands.add_parser("decode", help="aten calls, syncs and cache reallocations of one rollout")
     gkd = commands.add_parser("gkd-worker")  # internal: one TRL run, for `distill`
     gkd.add_argument("--steps", type=int, required=True, help="training steps")
     worker = commands.add_parser("trl-worker")  # internal: one TRL run, for `grpo`
@@ -420,7 +525,7 @@ def main():
         gkd_worker(args.steps, OUT / "distill-trl")
     else:
         {"memory": memory, "grpo": grpo_speed, "distill": distill_speed,
-         "rollouts": rollout_speed}[args.command](args)
+         "rollouts": rollout_speed, "decode": decode_counts}[args.command](args)
 
 
 if __name__ == "__main__":
