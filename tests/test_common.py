@@ -131,3 +131,12 @@ def test_flash_attention_is_used_from_version_2_1_on(monkeypatch):
                             ("2.8.3.post1", True)]:
         monkeypatch.setattr(importlib.metadata, "version", installed(version))
         assert common.flash_attention_usable() is usable
+
+
+def test_tests_run_on_the_cpu_on_a_machine_with_a_gpu(monkeypatch):
+    """The README's test command on a GPU machine: the scripts' models go where
+    common.default_device() says, which tests/conftest.py keeps on the CPU for every test but the
+    GPU ones (their batches and expected numbers are the CPU's)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert common.default_device() == torch.device("cpu")
+    assert common.load_model("toy")[0].device == torch.device("cpu")
