@@ -171,7 +171,8 @@ class PreallocatedLayer(DynamicLayer):
 
 def rollout_fits(model, rows, length):
     """Whether a KV cache of `rows` x `length` positions for every layer may be allocated whole:
-    on CUDA, if it takes at most half of the memory free there; elsewhere always (a CPU commits
+    on CUDA, if it takes at most half of the memory free there (counted in the weights' dtype:
+    twice the cache under --full's autocast, on the safe side); elsewhere always (a CPU commits
     the pages of an allocation only as they are written)."""
     device = model.device
     if device.type != "cuda":
@@ -190,9 +191,10 @@ def sdpa_attention(model):
     """The model with PyTorch's scaled_dot_product_attention while decoding, its own implementation
     back afterwards. Flash Attention 2 in transformers unpads left-padded rows at every layer and
     step (a nonzero and a .item(): two host syncs a layer) and copies the cache view; SDPA takes
-    the padding as a mask. Training passes (`completion_hidden`) keep Flash Attention 2."""
+    the padding as a mask. Training passes (`completion_hidden`) keep Flash Attention 2, and so
+    does decoding a model that has no SDPA path (Gemma 2: its soft cap)."""
     implementation = model.config._attn_implementation
-    if implementation.startswith("flash_attention"):
+    if implementation.startswith("flash_attention") and getattr(model, "_supports_sdpa", False):
         model.set_attn_implementation("sdpa")
     try:
         yield
@@ -271,7 +273,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
             if t + 1 == max_new_tokens:
                 break
             if (t + 1) % CHECK_EVERY == 0:
-                num_ended, finite = torch.stack([ended.sum(), token_logprobs.isfinite().all()]).tolist()
+                finite = (token_logprobs.isfinite() | ended).all()  # ended rows' draws: unused
+                num_ended, finite = torch.stack([ended.sum(), finite]).tolist()
                 if not finite:
                     break  # the error is raised below
                 if num_ended == len(row_of):

@@ -43,16 +43,17 @@ class LoRALinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(base_layer.weight.detach().float().norm(dim=1))
         self.disabled = False
         self.cached_scale = None  # (state of W, A, B and m, dora_scale()) for decoding
-        self.cached_weights = None  # (dtype and state of A and B, A and B in that dtype)
+        self.cached_weights = None  # (the dtype, state of A and B; A and B in that dtype)
 
-    def decoding_cache(self, attribute, parameters, compute):
+    def decoding_cache(self, attribute, parameters, compute, dtype=None):
         """compute(), or in inference mode (sampling: one call per generated token) its value from
-        the last call, kept in `attribute` until one of `parameters` changes: in place (its version
-        counter) or swapped for other data (its address: OPSD's EMA teacher swaps weights in)."""
+        the last call, kept in `attribute` until `dtype` or one of `parameters` changes: in place
+        (its version counter) or for other data (its address). A swap of `.data` whose new data
+        then changes in place is not seen: `forget_decoding_caches` after such swaps."""
         if not torch.is_inference_mode_enabled():
             setattr(self, attribute, None)
             return compute()
-        state = tuple((p.data_ptr(), p._version, p.dtype) for p in parameters)
+        state = (dtype, *((p.data_ptr(), p._version) for p in parameters))
         cached = getattr(self, attribute)
         if cached is None or cached[0] != state:
             cached = (state, compute())
@@ -79,7 +80,8 @@ class LoRALinear(nn.Module):
         a, b = self.lora_A.weight, self.lora_B.weight
         if a.dtype == dtype:
             return a, b
-        return self.decoding_cache("cached_weights", (a, b), lambda: (a.to(dtype), b.to(dtype)))
+        return self.decoding_cache("cached_weights", (a, b), lambda: (a.to(dtype), b.to(dtype)),
+                                   dtype)
 
     def adapted_weight(self):
         """The weight this layer computes with: W + s B A (LoRA) or DoRA's W', float32 [out, in]."""
@@ -127,6 +129,12 @@ def apply_lora(model, r=64, alpha=128, dropout=0.0, targets=DEFAULT_TARGETS, dor
     model.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "dora": dora,
                          "targets": sorted({name.split(".")[-1] for name, _ in chosen})}
     return model
+
+
+def forget_decoding_caches(model):
+    """Drop every LoRA layer's cached casts and DoRA scales (`LoRALinear.decoding_cache`)."""
+    for layer in lora_layers(model):
+        layer.cached_scale = layer.cached_weights = None
 
 
 @contextmanager

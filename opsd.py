@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 import common
 import engine
-from lora import lora_disabled
+from lora import forget_decoding_caches, lora_disabled
 
 # Only for the built-in 1M-parameter toy model, and only for flags not given on the command line.
 # clip 0: on the toy, teacher and student disagree sharply on digits and a 0.05 cap reverses the
@@ -341,17 +341,21 @@ def ema_update(ema, model, decay):
 @contextmanager
 def ema_weights(model, ema):
     """The model with its trainable parameters' values swapped for their averages in `ema` (as the
-    authors' `_ema_teacher_context`), put back afterwards; as it is while `ema` is empty."""
+    authors' `_ema_teacher_context`), put back afterwards; as it is while `ema` is empty. LoRA's
+    decoding caches are cleared both ways: a swap keeps a parameter's version counter, and
+    `ema_update` changes the averages in place."""
     saved = {}
     for name, parameter in model.named_parameters():
         if name in ema:
             saved[name], parameter.data = parameter.data, ema[name]
+    forget_decoding_caches(model)
     try:
         yield model
     finally:
         for name, parameter in model.named_parameters():
             if name in saved:
                 parameter.data = saved[name]
+        forget_decoding_caches(model)
 
 
 def teacher_model(args, run):

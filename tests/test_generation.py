@@ -316,3 +316,20 @@ def test_preallocated_cache_layer_holds_what_transformers_dynamic_layer_holds():
     assert ours.keys.shape == (4, 3, 7, 4) and ours.get_seq_length() == theirs.get_seq_length() == 7
     assert ours.get_mask_sizes(1) == theirs.get_mask_sizes(1)
     assert ours.key_buffer.shape[2] == 9  # 5 positions at prefill, doubled, capped at max_length
+
+
+def test_decoding_keeps_flash_attention_for_a_model_without_sdpa():
+    """engine.generate decodes through SDPA by switching a Flash Attention 2 model to it, but a
+    model class without an SDPA path (Gemma 2) would refuse the switch: it keeps its own."""
+    from types import SimpleNamespace
+    switched = []
+    for supports_sdpa in (True, False):
+        model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"),
+                                _supports_sdpa=supports_sdpa)
+        model.set_attn_implementation = lambda name, model=model: (
+            switched.append(name), setattr(model.config, "_attn_implementation", name))
+        with engine.sdpa_attention(model):
+            inside = model.config._attn_implementation
+        assert inside == ("sdpa" if supports_sdpa else "flash_attention_2")
+        assert model.config._attn_implementation == "flash_attention_2"
+    assert switched == ["sdpa", "flash_attention_2"]

@@ -172,3 +172,27 @@ def test_bf16_model_with_gradient_checkpointing_trains_lora():
     assert out.dtype == torch.bfloat16
     out.float().pow(2).mean().backward()
     assert layer.lora_B.weight.grad is not None and layer.lora_B.weight.grad.abs().sum() > 0
+
+
+def test_cached_casts_follow_the_input_dtype_and_forgotten_swaps():
+    """While sampling, A and B are cast once to the input's dtype and reused: a call in another
+    dtype gets its own casts, and forget_decoding_caches drops them (OPSD's EMA teacher swaps
+    weights whose averages then change in place, which no version counter shows)."""
+    from lora import LoRALinear, forget_decoding_caches
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(8, 6), r=2, alpha=4)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        for dtype in (torch.bfloat16, torch.float16):
+            layer.base_layer.to(dtype)
+            assert layer(x.to(dtype)).dtype == dtype
+        swapped = layer.lora_B.weight.detach().clone()
+        saved, layer.lora_B.weight.data = layer.lora_B.weight.data, swapped
+        before = layer(x.half())
+        swapped.mul_(3)  # in place: the parameter's version counter does not move
+        forget_decoding_caches(torch.nn.Sequential(layer))
+        after = layer(x.half())
+        layer.lora_B.weight.data = saved
+    base = layer.base_layer(x.half())
+    assert torch.allclose((after - base).float(), 3 * (before - base).float(), rtol=2e-2, atol=2e-2)
