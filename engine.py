@@ -14,7 +14,7 @@ Each function here equals a plain computation, and a test shows it:
 Every dependency on transformers internals (its cache classes, decoder and output layer) lives
 here. This file imports no file of the project, reads no command-line arguments and prints nothing.
 """
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -564,21 +564,20 @@ def token_logprobs(model, batch, temperature=1.0, chunk_size=128):
     return torch.zeros(mask.shape, device=mask.device).masked_scatter(mask, logprobs)
 
 
-def compare_logits_in_chunks(function, student, student_hidden, teacher, teacher_hidden,
-                             chunk_size=128, teacher_context=nullcontext, extra=()):
+def compare_logits_in_chunks(function, student, student_hidden, teacher_logits, teacher_hidden,
+                             chunk_size=128, extra=()):
     """function(student logits, teacher logits, *extra rows) at each of n positions: [n].
-    student_hidden, teacher_hidden: [n, H] final hidden states of the two models (the same model
-    for OPSD's self-teacher), row i of both at the same completion token; `extra`: more [n, ...]
-    tensors whose rows go with them (the completion token ids, say). `function` maps two [c, V]
-    logits to [c], or to [c] and [c, m] monitored values (`chunked_output_layer`). The logits
-    exist `chunk_size` positions at a time; the gradient flows into the student only: the
-    teacher's logits are a target, computed without gradient, inside teacher_context(teacher)
-    (OPSD's EMA teacher: the same model with averaged weights swapped in, its output layer too).
-    Equal to the same function of the full logits: tests/test_fused_losses.py.
+    student_hidden, teacher_hidden: [n, H] final hidden states of the student and the teacher, row
+    i of both at the same completion token; teacher_logits(hidden) gives the teacher's logits,
+    without gradient (OPSD's `Teacher.logits`: the teacher's output layer under its own weights);
+    `extra`: more [n, ...] tensors whose rows go with them (the completion token ids, say).
+    `function` maps two [c, V] logits to [c], or to [c] and [c, m] monitored values
+    (`chunked_output_layer`). The logits exist `chunk_size` positions at a time; the gradient
+    flows into the student only. Equal to the same function of the full logits:
+    tests/test_fused_losses.py.
     """
     def chunk_values(student_chunk, teacher_chunk, *extra_chunks):  # [c, H] each -> [c]
-        with torch.no_grad(), teacher_context(teacher):  # before the student's: see ema_weights
-            teacher_logits = output_logits(teacher, teacher_chunk)
-        return function(output_logits(student, student_chunk), teacher_logits, *extra_chunks)
+        teacher_chunk_logits = teacher_logits(teacher_chunk)  # first: a weight swap ends before
+        return function(output_logits(student, student_chunk), teacher_chunk_logits, *extra_chunks)
     return chunked_output_layer(chunk_values, [student_hidden, teacher_hidden.detach(), *extra],
                                 chunk_size, list(student.get_output_embeddings().parameters()))

@@ -48,6 +48,8 @@ consolidate on them).
 import argparse
 import math
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -239,7 +241,7 @@ def paced_weights(correct, group_size, alpha=1.0, beta=1.0):
 
 def divergence(student, student_hidden, teacher, teacher_hidden, weights, beta=0.0,
                temperature=1.0, clip=0.0, chunk_size=128, clip_per="entry", top_k=0,
-               teacher_context=nullcontext, completion_ids=None):
+               completion_ids=None):
     """Token mean over the completion of the full-vocabulary divergence D(P_T || P_S) (OPSD eq. for
     the full-distribution objective, arXiv 2601.18734; generalized JSD of GKD, arXiv 2306.13649):
 
@@ -247,8 +249,8 @@ def divergence(student, student_hidden, teacher, teacher_hidden, weights, beta=0
 
     z^S_t, z^T_t: the student's and the teacher's logits at completion position t, from their final
     hidden states student_hidden, teacher_hidden [N, T, H] (`engine.completion_hidden`; position t
-    predicts completion token t) through the output layers of the models `student` and `teacher`
-    (the teacher's taken inside teacher_context(teacher): `teacher_model`).
+    predicts completion token t) through the output layers of the model `student` and of the
+    `Teacher` `teacher` (inside its own weights).
     weights m: [N, T], 1 on completion tokens (EOS included) and 0 elsewhere, times the row's
     `paced_weights` with --paced, over the row's length with --loss-norm sequence (`token_weights`).
     D is `pointwise_divergence` (the formulas, the cap, which direction is "forward"), with top_k > 0
@@ -274,8 +276,8 @@ def divergence(student, student_hidden, teacher, teacher_hidden, weights, beta=0
     mask = weights > 0
     extra = [completion_ids[mask]] if completion_ids is not None else []
     values, monitored = engine.compare_logits_in_chunks(  # [n], [n, 2 or 3]: at weighted positions
-        per_position, student, student_hidden[mask], teacher, teacher_hidden[mask], chunk_size,
-        teacher_context, extra)
+        per_position, student, student_hidden[mask], teacher.logits, teacher_hidden[mask],
+        chunk_size, extra)
     position_weights = weights[mask].float()  # [n]
     total = position_weights.sum().clamp(min=1e-8)
     return ((values * position_weights).sum() / total,
@@ -358,24 +360,50 @@ def ema_weights(model, ema):
         forget_decoding_caches(model)
 
 
+@dataclass
+class Teacher:
+    """OPSD's teacher: a model and the weights it is used with, `weights(model)` a context that
+    swaps them in (the fixed teacher: LoRA off; the EMA teacher: the averages; otherwise none).
+    Everything the teacher does, its hidden states, its logits, its log-probabilities and its
+    samples, goes through these methods, inside its weights and without gradient, so no call
+    can score it with the student's."""
+    model: torch.nn.Module
+    weights: Callable = nullcontext
+
+    def hidden(self, batch):  # [N, T, H]: engine.completion_hidden
+        with torch.no_grad(), self.weights(self.model):
+            return engine.completion_hidden(self.model, batch)
+
+    def logits(self, hidden):  # [..., H] -> [..., V]
+        with torch.no_grad(), self.weights(self.model):
+            return engine.output_logits(self.model, hidden)
+
+    def logprobs(self, hidden, targets, temperature, chunk_size):  # [n]: engine.target_logprobs
+        with torch.no_grad(), self.weights(self.model):
+            return engine.target_logprobs(self.model, hidden, targets, temperature, chunk_size)
+
+    def sample(self, run, examples, num_samples, thinking, message):  # common.sample_rollouts
+        with self.weights(self.model):
+            return common.sample_rollouts(run, examples, num_samples, thinking, model=self.model,
+                                          message=message)
+
+
 def teacher_model(args, run):
-    """The teacher: (model, context to score it in). fixed, the initial model: with LoRA the student
-    with LoRA switched off (no second copy), with --full a frozen copy loaded from --model again
-    (not the resumed weights); current: the student as it is; ema: the student with its trainable
-    weights' averages (`ema_weights`), kept in run.method_tensors and so in checkpoints. With
-    --teacher-model: that model, frozen, in --dtype, without LoRA (its weights and one forward pass
-    without gradients are what it adds to memory)."""
+    """The `Teacher`. fixed, the initial model: with LoRA the student with LoRA switched off (no
+    second copy), with --full a frozen copy loaded from --model again (not the resumed weights);
+    current: the student as it is; ema: the student with its trainable weights' averages
+    (`ema_weights`), kept in run.method_tensors and so in checkpoints. With --teacher-model: that
+    model, frozen, in --dtype, without LoRA (its weights and one forward pass without gradients are
+    what it adds to memory)."""
     if args.teacher_model:
-        teacher, _ = common.load_model(args.teacher_model, args.dtype)
-        return teacher.requires_grad_(False), nullcontext
+        return Teacher(common.load_model(args.teacher_model, args.dtype)[0].requires_grad_(False))
     if args.teacher == "current":
-        return run.model, nullcontext
+        return Teacher(run.model)
     if args.teacher == "ema":
-        return run.model, lambda model: ema_weights(model, run.method_tensors)
+        return Teacher(run.model, lambda model: ema_weights(model, run.method_tensors))
     if not args.full:
-        return run.model, lora_disabled
-    teacher, _ = common.load_model(args.model, args.dtype)
-    return teacher.requires_grad_(False), nullcontext
+        return Teacher(run.model, lora_disabled)
+    return Teacher(common.load_model(args.model, args.dtype)[0].requires_grad_(False))
 
 
 def check_teacher_tokenizer(student, teacher):
@@ -407,7 +435,7 @@ def prompt_ids(tokenizer, examples, message, thinking, group_size):
     return [ids[i // group_size] for i in range(len(examples) * group_size)]
 
 
-def step_rollouts(run, examples, teacher, teacher_context):
+def step_rollouts(run, examples, teacher):
     """The step's completions and who sampled them. The student's own from the problem alone
     (on-policy); in the first --teacher-rollout-steps steps the teacher's, from the teacher's own
     prompt: the forward KL on them is a dense, off-policy warm-up, the first stage of the
@@ -416,10 +444,8 @@ def step_rollouts(run, examples, teacher, teacher_context):
     if run.step >= args.teacher_rollout_steps:
         return common.sample_rollouts(run, examples, args.num_generations,
                                       args.student_thinking), "student"
-    with teacher_context(teacher):
-        return common.sample_rollouts(run, examples, args.num_generations, args.teacher_thinking,
-                                      model=teacher, message=teacher_message(args.teacher_prompt)), \
-            "teacher"
+    return teacher.sample(run, examples, args.num_generations, args.teacher_thinking,
+                          teacher_message(args.teacher_prompt)), "teacher"
 
 
 def main(argv=None):
@@ -428,13 +454,13 @@ def main(argv=None):
         check_teacher_tokenizer(args.model, args.teacher_model)
     run = common.start_run(args)
     model, tokenizer, group_size = run.model, run.tokenizer, args.num_generations
-    teacher, teacher_context = teacher_model(args, run)
+    teacher = teacher_model(args, run)
     while run.step < args.steps:
         examples = common.next_batch(run)
 
         # 1. The student samples its own completions from the problem alone (or, in the bridge's
         # first --teacher-rollout-steps steps, the teacher from its own prompt).
-        rollouts, sampler = step_rollouts(run, examples, teacher, teacher_context)
+        rollouts, sampler = step_rollouts(run, examples, teacher)
 
         # 2. The teacher's prompt shows the reference solution; the completion tokens are the same.
         completions = engine.unpadded(rollouts["completion_ids"], rollouts["completion_mask"])
@@ -465,8 +491,7 @@ def main(argv=None):
             teacher_batch = engine.pack([teacher_prompts[i] for i in rows],
                                         [completions[i] for i in rows], tokenizer.pad_token_id,
                                         model.device)
-            with torch.no_grad(), teacher_context(teacher):  # 3. teacher: no gradient, ever
-                teacher_hidden = engine.completion_hidden(teacher, teacher_batch)  # [B, T, H]
+            teacher_hidden = teacher.hidden(teacher_batch)  # [B, T, H]  3. no gradient, ever
             student_hidden = engine.completion_hidden(model, student_batch)  # [B, T, H]
             completion_mask = student_batch["completion_mask"]  # [B, T]
             weights = token_weights(row_weights[rows], completion_mask,
@@ -479,13 +504,12 @@ def main(argv=None):
                 loss, monitored, student_logprobs = divergence(
                     model, student_hidden, teacher, teacher_hidden, weights, beta,
                     args.temperature, args.clip, args.chunk_size, args.clip_per,
-                    args.teacher_top_k, teacher_context, student_batch["completion_ids"])
+                    args.teacher_top_k, student_batch["completion_ids"])
                 monitored_sum += monitored * weight
             else:
                 targets = student_batch["completion_ids"][mask]
-                with torch.no_grad(), teacher_context(teacher):
-                    teacher_logprobs = engine.target_logprobs(
-                        teacher, teacher_hidden[mask], targets, args.temperature, args.chunk_size)
+                teacher_logprobs = teacher.logprobs(teacher_hidden[mask], targets,
+                                                    args.temperature, args.chunk_size)
                 student_logprobs = engine.target_logprobs(
                     model, student_hidden[mask], targets, args.temperature, args.chunk_size)
                 loss = sampled_token_loss(student_logprobs, teacher_logprobs, weights[mask])

@@ -126,7 +126,8 @@ def test_opsd_divergence_equals_the_unfused_one(kind, lora, beta, clip):
     def fused():
         with torch.no_grad(), teacher_context(teacher):
             teacher_hidden = engine.completion_hidden(teacher, teacher_batch)
-        return opsd.divergence(model, engine.completion_hidden(model, student_batch), teacher,
+        return opsd.divergence(model, engine.completion_hidden(model, student_batch),
+                               opsd.Teacher(teacher, teacher_context),
                                teacher_hidden, completion_mask, beta, temperature, clip,
                                chunk_size=2)[0]
 

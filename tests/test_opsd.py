@@ -51,7 +51,7 @@ class LogitsModel:
 
 def logit_divergence(student_logits, teacher_logits, mask, *args, **kwargs):
     """opsd.divergence's loss given logits rather than hidden states: identity output layers."""
-    return opsd.divergence(LogitsModel, student_logits, LogitsModel, teacher_logits, mask,
+    return opsd.divergence(LogitsModel, student_logits, opsd.Teacher(LogitsModel), teacher_logits, mask,
                            *args, **kwargs)[0]
 
 
@@ -186,8 +186,9 @@ def test_a_separate_teacher_scores_with_its_own_weights(tmp_path, monkeypatch):
     student, teacher, teacher_hidden = seen[0]
     loaded, _ = common.load_model(teacher_folder)
     hidden = teacher_hidden[0, :3]
-    assert teacher is not student and not any(p.requires_grad for p in teacher.parameters())
-    assert torch.equal(engine.output_logits(teacher, hidden), engine.output_logits(loaded, hidden))
+    assert teacher.model is not student and not any(p.requires_grad
+                                                    for p in teacher.model.parameters())
+    assert torch.equal(teacher.logits(hidden), engine.output_logits(loaded, hidden))
     with lora_disabled(student):  # the student's base, its own weights: other logits
         assert not torch.allclose(engine.output_logits(student, hidden),
                                   engine.output_logits(loaded, hidden), atol=1e-3)
@@ -243,7 +244,7 @@ def test_per_token_cap_caps_each_sum_and_passes_no_gradient_above_it():
 def test_monitored_uncapped_divergence_and_capped_mass(clip_per):
     student, teacher, mask = random_logits()
     clip = 0.05 if clip_per == "entry" else 1.5
-    _, monitored, _ = opsd.divergence(LogitsModel, student, LogitsModel, teacher, mask, 0.0, 1.0, clip,
+    _, monitored, _ = opsd.divergence(LogitsModel, student, opsd.Teacher(LogitsModel), teacher, mask, 0.0, 1.0, clip,
                                    clip_per=clip_per)
     uncapped, masses = [], []
     for i, t in [(i, t) for i in range(3) for t in range(5) if mask[i, t]]:
@@ -409,7 +410,7 @@ def heldout_divergence(student, teacher, tokenizer, examples, rollouts):
         student_prompts = engine.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
         student_hidden = engine.completion_hidden(student, engine.pack(student_prompts, completions,
                                                                        pad, "cpu"))
-        return opsd.divergence(student, student_hidden, teacher, teacher_hidden,
+        return opsd.divergence(student, student_hidden, opsd.Teacher(teacher), teacher_hidden,
                                rollouts["completion_mask"], temperature=0.7)[0].item()
 
 

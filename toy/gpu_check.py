@@ -251,7 +251,8 @@ def fused_against_plain(dtype):
     def opsd_fused():
         with torch.no_grad(), lora_disabled(model):
             teacher_hidden = engine.completion_hidden(model, teacher_batch)
-        return opsd.divergence(model, engine.completion_hidden(model, batch), model, teacher_hidden,
+        return opsd.divergence(model, engine.completion_hidden(model, batch),
+                               opsd.Teacher(model, lora_disabled), teacher_hidden,
                                batch["completion_mask"], 0.0, 1.1, 0.0, chunk_size=3)[0]
 
     def opsd_plain():
