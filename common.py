@@ -351,14 +351,18 @@ def world_size():
 
 
 def global_sum(value, op=dist.ReduceOp.SUM):
-    """The sum of a number over all ranks (the number itself in a single process); with
-    op=dist.ReduceOp.MAX their largest."""
+    """The sum of a number over all ranks (the number itself in a single process)."""
     if not dist.is_initialized():
         return value
     total = torch.tensor(float(value), dtype=torch.float64,
                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(total, op=op)
     return type(value)(total.item())
+
+
+def global_max(value):
+    """The largest of a number over all ranks."""
+    return global_sum(value, op=dist.ReduceOp.MAX)
 
 
 def global_mean(value):
@@ -722,7 +726,7 @@ def logprob_gap(sampler_logprobs, trainer_logprobs):
     count = global_sum(gaps.numel())
     largest = float(gaps.max()) if gaps.numel() else 0.0
     return {"logprob_gap_mean": global_sum(float(gaps.sum())) / max(1, count),
-            "logprob_gap_max": global_sum(largest, op=dist.ReduceOp.MAX)}
+            "logprob_gap_max": global_max(largest)}
 
 
 # ----------------------------------------------------------------------------------------------
