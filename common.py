@@ -1,13 +1,5 @@
-"""common.py: what sft.py, grpo.py and opsd.py share, as plain functions. It knows no method.
-
-In the order a script's main() meets it: the command line; the run (`start_run` makes a `Run`:
-its folder, data, model with LoRA, optimizer and schedule, resumed or evaluated "before");
-torchrun; loading a model; data; prompts and answer checking (`judge`: is a completion's answer
-right); a step's rollouts; the step's end (optimizer step, one log line, periodic evaluation and
-checkpoint); the run's end (`finish_run`); then evaluation, AdamW and its schedule, checkpoints.
-What exists only for speed and memory (the sampler, the training forward pass, the output layer a
-chunk at a time) is engine.py's.
-"""
+"""common.py: what sft.py, grpo.py and opsd.py share, as plain functions in the order a script's
+main() meets them; no method, nothing only for speed (engine.py's). Notes: docs/common.md."""
 import argparse
 import importlib.metadata
 import json
@@ -36,14 +28,12 @@ class InputError(Exception):
     """Bad input from the user (file, field, model name): the scripts print it as one line."""
 
 
-def exit_with_error(message):
-    """One line on stderr and exit code 2: what bad input gets, from argparse or from our checks."""
+def exit_with_error(message):  # what bad input gets, from argparse or from our checks
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def run_cli(main):
-    """Run a script's main(), turning an InputError into a one-line message and exit code 2."""
+def run_cli(main):  # a script's main(), an InputError turned into one line and exit code 2
     try:
         main()
     except InputError as error:
@@ -53,9 +43,7 @@ def run_cli(main):
             dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------------------------
-# Arguments shared by the three scripts (same flag, same meaning everywhere)
-
+# ---- Arguments shared by the three scripts (same flag, same meaning everywhere) ------------------
 
 def add_common_args(parser):
     add = parser.add_argument
@@ -66,16 +54,14 @@ def add_common_args(parser):
     add("--out", default=None, help="output folder; if none, out/<method>")
     add("--overwrite", action="store_true",
         help="replace the run already in --out (its checkpoints, metrics and summary)")
-    add("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    add("--resume", action="store_true",
+        help="continue the run in --out from its latest checkpoint")
     add("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     add("--keep-checkpoints", type=int, default=2, help="the newest N checkpoints are kept")
-    add("--steps", type=int, default=100,
-        help="training steps, each on --batch-size new prompts")
-    add("--batch-size", type=int, default=32,
-        help="prompts per step (per process under torchrun)")
-    add("--micro-batch-size", type=int, default=16,
-        help="rows per forward and backward pass; a step accumulates the gradients of its "
-             "micro-batches (0: all rows of the step at once)")
+    add("--steps", type=int, default=100, help="training steps, each on --batch-size new prompts")
+    add("--batch-size", type=int, default=32, help="prompts per step (per process under torchrun)")
+    add("--micro-batch-size", type=int, default=16, help="rows per forward and backward pass; a "
+        "step accumulates the gradients of its micro-batches (0: all rows of the step at once)")
     add("--lr", type=float, default=5e-6, help="peak learning rate of AdamW")
     add("--warmup-steps", type=int, default=0, help="steps of linear warmup from 0 to --lr")
     add("--schedule", choices=["cosine", "constant"], default="cosine",
@@ -85,7 +71,8 @@ def add_common_args(parser):
     add("--seed", type=int, default=0, help="data order, LoRA initialisation and sampling")
     add("--full", action="store_true", help="full fine-tuning instead of LoRA")
     add("--lora-r", type=int, default=64, help="LoRA rank")
-    add("--lora-alpha", type=int, default=128, help="LoRA scale numerator: updates scale by alpha/r")
+    add("--lora-alpha", type=int, default=128,
+        help="LoRA scale numerator: updates scale by alpha/r")
     add("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA path's input")
     add("--dora", action="store_true",
         help="DoRA: LoRA's direction plus a trained magnitude per output row (lora.py)")
@@ -96,9 +83,8 @@ def add_common_args(parser):
              "in float32 and computes in --dtype under autocast")
     add("--max-new-tokens", type=int, default=1024,
         help="longest completion, sampled or trained on, in tokens")
-    add("--chunk-size", type=int, default=128,
-        help="completion positions per chunk of the output layer and loss (memory: a few "
-             "[chunk, vocabulary] float32 tensors)")
+    add("--chunk-size", type=int, default=128, help="completion positions per chunk of the "
+        "output layer and loss (memory: a few [chunk, vocabulary] float32 tensors)")
     add("--temperature", type=float, default=1.0, help="sampling of the model's own completions")
     add("--top-p", type=float, default=1.0, help="nucleus sampling of them (1: off)")
     add("--top-k", type=int, default=0, help="top-k sampling of them (0: off)")
@@ -108,64 +94,42 @@ def add_common_args(parser):
     add("--eval-before", action=argparse.BooleanOptionalAction, default=True,
         help="evaluate the starting model before training (off: runs of a study from one base "
              "evaluated once, by toy/evaluate.py)")
-    add("--eval-k", type=int, default=0,
-        help="before and after training, also sample K completions per held-out problem: "
-             "mean@K, pass@K, maj@K (0: greedy accuracy only)")
+    add("--eval-k", type=int, default=0, help="before and after training, also sample K "
+        "completions per held-out problem: mean@K, pass@K, maj@K (0: greedy accuracy only)")
     add("--eval-temperature", type=float, default=1.0, help="sampling temperature of --eval-k")
+    parser.set_defaults(updates_per_step=1)  # optimizer updates per step, for the schedule
 
 
-# Toy settings that every script shares: short answers, and 256 rows per generate call (measured
-# fastest on 2 CPU cores: larger batches spend their time on padding after most rows have stopped).
-# And the whole step in one pass, nothing recomputed: a 1M-parameter model's activations are small.
-TOY_COMMON_SETTINGS = {"max_new_tokens": 64, "eval_batch_size": 256, "eval_temperature": 0.7,
-                     "micro_batch_size": 0, "gradient_checkpointing": False}
-
-# What each number must be, for every script that has the flag: name -> (test, what it must be).
-# A script adds the ranges of its own flags. Checked before anything slow (`parse_args`).
+# name -> (test, what it must be), for every parser with the flag; scripts add theirs (parse_args)
 RANGES = {
-    "steps": (lambda v: v >= 1, "at least 1"),
-    "batch_size": (lambda v: v >= 1, "at least 1"),
+    **dict.fromkeys(["steps", "batch_size", "keep_checkpoints", "lora_r", "max_new_tokens",
+                     "chunk_size", "eval_batch_size"], (lambda v: v >= 1, "at least 1")),
+    **dict.fromkeys(["lr", "max_grad_norm", "lora_alpha", "eval_temperature"],
+                    (lambda v: v > 0, "positive")),
+    **dict.fromkeys(["warmup_steps", "weight_decay"], (lambda v: v >= 0, "at least 0")),
     "micro_batch_size": (lambda v: v >= 0, "at least 0 (0: all rows of a step at once)"),
-    "lr": (lambda v: v > 0, "positive"),
-    "warmup_steps": (lambda v: v >= 0, "at least 0"),
-    "weight_decay": (lambda v: v >= 0, "at least 0"),
-    "max_grad_norm": (lambda v: v > 0, "positive"),
     "save_every": (lambda v: v >= 0, "at least 0 (0: only at the end)"),
-    "keep_checkpoints": (lambda v: v >= 1, "at least 1"),
-    "lora_r": (lambda v: v >= 1, "at least 1"),
-    "lora_alpha": (lambda v: v > 0, "positive"),
     "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "max_new_tokens": (lambda v: v >= 1, "at least 1"),
-    "chunk_size": (lambda v: v >= 1, "at least 1"),
     "temperature": (lambda v: v >= 0, "at least 0 (0: greedy)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "top_k": (lambda v: v >= 0, "at least 0 (0: off)"),
     "eval_n": (lambda v: v >= 0, "at least 0 (0: no held-out evaluation)"),
-    "eval_batch_size": (lambda v: v >= 1, "at least 1"),
     "eval_every": (lambda v: v >= 0, "at least 0 (0: off)"),
     "eval_k": (lambda v: v >= 0, "at least 0 (0: greedy accuracy only)"),
-    "eval_temperature": (lambda v: v > 0, "positive"),
 }
 
 
-def parse_args(parser, argv, toy_settings, ranges=None):
-    """Parse the command line; with the built-in toy model, `toy_settings` replace the defaults
-    (flags given on the command line still win). Every number is checked against RANGES and the
-    script's own `ranges`: a bad one stops here, in one line, before anything slow.
-
-    The defaults of the scripts follow the papers' settings for real LLMs; a 1M-parameter model needs
-    others (a higher learning rate, a smaller LoRA rank, a lower sampling temperature). --help
-    shows both.
-    """
-    toy = {**toy_settings, **TOY_COMMON_SETTINGS}
+def parse_args(parser, argv, defaults, toy_settings, ranges=None):
+    """Parse argv with the script's `defaults` (toy: `toy_settings`); check RANGES and `ranges`."""
+    parser.set_defaults(**defaults)
     for action in parser._actions:  # --help: "... (default: 5e-06; toy: 0.0005)"
-        if action.help and action.dest in toy:
-            action.help += f" (default: %(default)s; toy: {toy[action.dest]})"
+        if action.help and action.dest in toy_settings:
+            action.help += f" (default: %(default)s; toy: {toy_settings[action.dest]})"
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter  # the others' defaults
     parser.error = lambda message: exit_with_error(f"{message} (see --help)")  # one line
     args = parser.parse_args(argv)
     if args.model == "toy":
-        settings = {key: value for key, value in toy.items() if hasattr(args, key)}
+        settings = {key: value for key, value in toy_settings.items() if hasattr(args, key)}
         parser.set_defaults(**settings)
         args = parser.parse_args(argv)
         print("toy settings: " + ", ".join(f"{key}={value}" for key, value in settings.items()
@@ -181,12 +145,10 @@ def parse_args(parser, argv, toy_settings, ranges=None):
     return args
 
 
-# ----------------------------------------------------------------------------------------------
-# The run: what a script carries from step to step, made by `start_run`
+# ---- The run: what a script carries from step to step, made by `start_run` -----------------------
 
 @dataclass
-class Run:
-    """A training run in progress: a plain record, changed by the functions below."""
+class Run:  # a training run in progress: a plain record, changed by the functions below
     args: argparse.Namespace
     model: torch.nn.Module
     tokenizer: object
@@ -205,21 +167,16 @@ class Run:
     method_tensors: dict = field(default_factory=dict)  # a method's tensors kept in checkpoints
 
 
-def start_run(args, updates_per_step=1):
-    """Data, model (+ LoRA unless --full), optimizer and schedule; then resume from the latest
-    checkpoint in --out, or evaluate the starting model on the held-out split ("before").
-    The schedule spans args.steps * updates_per_step optimizer updates. Returns a `Run`, its
-    model in training mode and its clock started.
-    """
+def start_run(args):
+    """Folder, data, model, AdamW and schedule; resume or evaluate the start: a `Run`, training."""
     started = time.time()
     init_distributed()
     prepare_out(args)  # before anything slow
     random.seed(args.seed)
     torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank
     train_examples = load_examples(args.data, "train")  # bad data fails before the slow load
-    separate_eval_file = args.eval_data not in (None, "toy")  # all of it is held out
-    eval_examples = load_examples(args.eval_data or args.data,
-                                  "all" if separate_eval_file else "test")[:args.eval_n]
+    eval_split = "all" if args.eval_data not in (None, "toy") else "test"  # a file: all held out
+    eval_examples = load_examples(args.eval_data or args.data, eval_split)[:args.eval_n]
     model, tokenizer = load_model(args.model, args.dtype, args.full, args.gradient_checkpointing)
     if not args.full:
         apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, dora=args.dora)
@@ -228,7 +185,7 @@ def start_run(args, updates_per_step=1):
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{trainable:,} trainable ({adapter})")
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    scheduler = make_scheduler(optimizer, args.warmup_steps, args.steps * updates_per_step,
+    scheduler = make_scheduler(optimizer, args.warmup_steps, args.steps * args.updates_per_step,
                                args.schedule)
     if world_size() > 1:
         print(f"data parallel: {world_size()} processes, {args.batch_size} prompts each per step")
@@ -251,15 +208,15 @@ def start_run(args, updates_per_step=1):
     run.state["wall_seconds"] += time.time() - started
     run.metrics_file = open_metrics(args.out, run.step)
     model.train()
-    run.loop_started, run.first_step, run.wall_before = time.time(), run.step, run.state["wall_seconds"]
+    run.loop_started, run.first_step, run.wall_before = (time.time(), run.step,
+                                                         run.state["wall_seconds"])
     return run
 
 
 RUN_FILES = ("metrics.jsonl", "summary.json")  # a run's, besides its checkpoint-* folders
 
 
-def make_folder(out):
-    """--out as a folder, made now, before anything slow: one line if it is a file or cannot be."""
+def make_folder(out):  # --out, made now, before anything slow
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file: give a folder")
     try:
@@ -269,25 +226,17 @@ def make_folder(out):
 
 
 def prepare_out(args):
-    """Make --out this run's folder without touching another run's files.
-
-    A folder that holds a run (checkpoints, metrics, summary) stops the script in one line unless
-    --resume continues that run or --overwrite replaces it (removing those files, no others).
-    --resume refuses a checkpoint of another method, model or LoRA shape. Then this run's method,
-    command line, start time and arguments are appended to runs.jsonl: every run of the folder,
-    resumed ones too.
-    """
+    """Make --out this run's folder, one run per folder, and log the run in it (docs/common.md)."""
     out = Path(args.out)
     if any(folder.name.startswith("checkpoint-") for folder in [out, *out.resolve().parents]):
         raise InputError(f"--out {out} is inside a checkpoint, which its run may delete")
     if args.resume and args.overwrite:
         raise InputError("--resume continues the run in --out, --overwrite replaces it: give one")
     make_folder(out)
-    existing = sorted(out.glob("checkpoint-*")) + [out / name for name in RUN_FILES
-                                                   if (out / name).exists()]
+    existing = sorted(out.glob("checkpoint-*")) + [out / f for f in RUN_FILES if (out / f).exists()]
     if existing and not (args.resume or args.overwrite):
-        raise InputError(f"--out {out} holds a run ({existing[0].name}): continue it with --resume, "
-                         "give another --out, or replace it with --overwrite")
+        raise InputError(f"--out {out} holds a run ({existing[0].name}): continue it with "
+                         "--resume, give another --out, or replace it with --overwrite")
     existing += [out / "runs.jsonl"] if (out / "runs.jsonl").exists() else []
     for flag in ("model", "data", "eval_data"):  # --overwrite must not remove what this run reads
         used = Path(str(getattr(args, flag))).resolve()
@@ -297,9 +246,8 @@ def prepare_out(args):
     checkpoint = latest_checkpoint(out) if args.resume else None
     if checkpoint and (checkpoint / "args.json").exists():
         saved = json.loads((checkpoint / "args.json").read_text())
-        compared = ["method", "model", "full"] + ([] if args.full else ["lora_r", "lora_alpha",
-                                                                       "dora"])
-        for name in compared:
+        lora_flags = [] if args.full else ["lora_r", "lora_alpha", "dora"]
+        for name in ["method", "model", "full"] + lora_flags:
             if name in saved and saved[name] != getattr(args, name):
                 what = name if name == "method" else "--" + name.replace("_", "-")
                 raise InputError(f"--resume: {checkpoint} was trained with {what} {saved[name]}, "
@@ -311,28 +259,20 @@ def prepare_out(args):
         for path in existing if args.overwrite else []:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         with open(out / "runs.jsonl", "a") as runs:
-            runs.write(json.dumps({"method": args.method, "command": sys.argv, "started":
-                                   time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": vars(args)}) + "\n")
+            runs.write(json.dumps({"method": args.method, "command": sys.argv,
+                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                   "args": vars(args)}) + "\n")
     if dist.is_initialized():
         dist.barrier()  # no rank reads --out before it is ready
 
 
-# ----------------------------------------------------------------------------------------------
-# Data parallel under torchrun: every rank holds the whole model, takes its own share of each
-# step's prompts (and samples its own rollouts), and the gradients are summed across ranks before
-# the optimizer step. Every loss is normalised by counts over all ranks (`global_sum`), so N ranks
-# with --batch-size B compute the gradient that one process with --batch-size N*B computes.
+# ---- Data parallel under torchrun: N ranks of --batch-size B train as one process of N*B ---------
 
-
-def default_device():
-    """Where the scripts put their models: the GPU when there is one, else the CPU (tests/conftest.py
-    keeps every test but the GPU ones on the CPU)."""
+def default_device():  # where the scripts put models (docs/common.md)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def init_distributed():
-    """Join torchrun's process group (NCCL on CUDA, gloo on CPU); a no-op in a single process.
-    Ranks other than 0 print nothing: rank 0 logs for all."""
+def init_distributed():  # join torchrun's process group, if any; only rank 0 prints
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         cuda = default_device().type == "cuda"
         if cuda:
@@ -370,8 +310,7 @@ def global_mean(value):
     return global_sum(value) / world_size()
 
 
-def gather_objects(value):
-    """[value of rank 0, value of rank 1, ...] on every rank ([value] in a single process)."""
+def gather_objects(value):  # [value of rank 0, value of rank 1, ...] on every rank
     if not dist.is_initialized():
         return [value]
     values = [None] * dist.get_world_size()
@@ -379,31 +318,19 @@ def gather_objects(value):
     return values
 
 
-# ----------------------------------------------------------------------------------------------
-# Model and tokenizer
+# ---- Model and tokenizer -------------------------------------------------------------------------
 
-
-def compute_dtype(dtype, device):
-    """--dtype as a torch dtype: 'auto' is bfloat16 on CUDA and float32 on a CPU."""
-    if dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-
-
-def model_folder(name_or_path):
-    """--model as transformers takes it: 'toy' is the built-in model's folder."""
+def model_folder(name_or_path):  # --model as transformers takes it
     return str(TOY_DIR / "model") if name_or_path == "toy" else name_or_path
 
 
-def cannot_load(name_or_path, error):
-    """The one line for a model that does not load: an InputError to raise."""
+def cannot_load(name_or_path, error):  # the InputError for a model that does not load
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return InputError(f"cannot load model '{name_or_path}': not a model folder here and not a "
                       f"downloadable Hugging Face model id ({reason})")
 
 
 def load_tokenizer(name_or_path):
-    """The tokenizer of a model folder or Hugging Face id; one line if there is none."""
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(model_folder(name_or_path))
@@ -411,11 +338,7 @@ def load_tokenizer(name_or_path):
         raise cannot_load(name_or_path, error) from None
 
 
-def flash_attention_usable():
-    """Whether flash-attn is installed at version 2.1 or later. The training pass attends from a
-    completion's T positions to its prompt's and its own P + T keys (engine.completion_hidden);
-    Flash Attention aligns such a causal mask at the bottom right only since 2.1 (before: at the
-    top left, which is wrong here). An older one is not used, and said so."""
+def flash_attention_usable():  # whether flash-attn 2.1+ is installed (docs/common.md)
     try:
         version = importlib.metadata.version("flash_attn")
     except importlib.metadata.PackageNotFoundError:
@@ -429,92 +352,73 @@ def flash_attention_usable():
 
 def load_model(name_or_path="toy", dtype="auto", full=False, gradient_checkpointing=False,
                device=None):
-    """Load (model, tokenizer) to compute in `dtype`; Flash Attention 2 when installed, else SDPA.
-
-    full=True (full fine-tuning) keeps the weights in float32 and runs the forward pass under
-    autocast to `dtype`: AdamW then updates float32 "master" weights. Updating bfloat16 weights
-    directly loses most updates at LLM learning rates (5e-6 * a weight of 0.02 is below bfloat16's
-    resolution of 2^-8 relative). Otherwise the frozen base is stored in `dtype` and LoRA keeps its
-    own weights in float32 (lora.py).
-    """
+    """(model, tokenizer) to compute in `dtype`; --full keeps float32 weights (docs/common.md)."""
     from transformers import AutoModelForCausalLM  # slow import, only when needed
     from transformers.utils.logging import disable_progress_bar
     disable_progress_bar()  # per-file loading bars would drown the one-line-per-step log
     tokenizer, path = load_tokenizer(name_or_path), model_folder(name_or_path)
     device = torch.device(device or default_device())
-    dtype = compute_dtype(dtype, device)
-    has_flash = device.type == "cuda" and flash_attention_usable()
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    attn = "flash_attention_2" if device.type == "cuda" and flash_attention_usable() else "sdpa"
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32 if full else dtype,
-            attn_implementation="flash_attention_2" if has_flash else "sdpa")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if full else dtype,
+                                                     attn_implementation=attn)
     except (OSError, ValueError) as error:
         raise cannot_load(name_or_path, error) from None
-    unsupported = engine.unsupported_cache_layers(model)
-    if unsupported:
-        raise InputError(f"cannot use model '{name_or_path}': its KV cache has {', '.join(unsupported)}"
-                         " layers, and the scripts' sampler and training pass handle attention only")
+    if unsupported := engine.unsupported_cache_layers(model):
+        raise InputError(f"cannot use model '{name_or_path}': its KV cache has "
+                         f"{', '.join(unsupported)} layers, and the scripts' sampler and training "
+                         "pass handle attention only")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # safe: masks are built from lengths, not pad ids
-    tokenizer.padding_side = "left"  # generation appends on the right, so prompts align on the right
+    tokenizer.padding_side = "left"  # generation appends on the right: prompts align there
     model.to(device)
-    if full and dtype != torch.float32:
-        # Mixed precision: matrix products in `dtype`, weights and their gradients in float32.
-        # On the two parts the code calls: the decoder and the output layer (engine.py's
-        # `completion_hidden` and `output_logits`; model(...) calls both). Norm weights stay float32, so some
-        # activations are float32 too. (Do not deepcopy such a model: the copy's wrappers would
-        # still call the original's modules.)
-        for part in (model.get_decoder(), model.get_output_embeddings()):
+    if full and dtype != torch.float32:  # mixed precision: products in `dtype`, weights float32
+        for part in (model.get_decoder(), model.get_output_embeddings()):  # what the code calls
             part.forward = torch.autocast(device.type, dtype=dtype)(part.forward)
-    if gradient_checkpointing:
-        # Non-reentrant checkpointing lets gradients reach LoRA weights even though the frozen
-        # embedding output does not require grad (the reentrant variant fails there).
+    if gradient_checkpointing:  # non-reentrant: gradients reach LoRA past the frozen embeddings
         if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable({"use_reentrant": False})
         engine.keep_cache_in_recomputed_layers(model)
     return model, tokenizer
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: records in GSM8K form {"question", "answer": "steps...\n#### 18"} or {"problem", "solution"}
+# ---- Data: {"question", "answer": "steps...\n#### 18"} (GSM8K) or {"problem", "solution"} --------
+
+def parse_json(text, path, line=1):  # `line`: the file's line that `text` starts on
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}:{line + error.lineno - 1}: bad JSON ({error.msg})") from None
 
 
-def read_records(path):
-    """Read a .jsonl (one object a line) or .json (a list of objects) file; errors name the line."""
+def read_records(path):  # a .jsonl or .json (a list) file's examples; errors name the line
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path}:{error.lineno}: bad JSON ({error.msg})") from None
+        records = parse_json(text, path)
         if not isinstance(records, list):
             raise InputError(f"{path}: expected a JSON list of records")
         numbered = list(enumerate(records, start=1))
     else:
-        numbered = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((line_number, json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise InputError(f"{path}:{line_number}: bad JSON ({error.msg})") from None
+        numbered = [(number, parse_json(line, path, number))
+                    for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not numbered:
         raise InputError(f"{path}: no records (empty file)")
     return [to_example(record, f"{path}:{number}") for number, record in numbered]
 
 
-def to_example(record, where):
-    """One record -> {"question", "solution", "answer"}; `answer` is the short final answer."""
+def to_example(record, where):  # -> {"question", "solution", "answer": the final answer}
     if not isinstance(record, dict):
         raise InputError(f"{where}: expected a JSON object")
     question = record.get("question", record.get("problem"))
-    solution = record.get("answer", record.get("solution"))  # GSM8K's "answer" is the worked solution
+    solution = record.get("answer", record.get("solution"))  # GSM8K's "answer": worked solution
     if not isinstance(question, str) or not question.strip():
         raise InputError(f"{where}: missing field 'question' (or 'problem')")
     if not isinstance(solution, str) or not solution.strip():
@@ -528,11 +432,7 @@ def to_example(record, where):
 
 
 def load_examples(spec, split="train", holdout=500):
-    """Examples of `spec` ('toy' or a file) for split 'train', 'test' or 'all'.
-
-    A single file is split by a fixed-seed shuffle: the test split is min(holdout, 10%) of it, the
-    same on every run and machine, and never overlaps the train split.
-    """
+    """Examples of `spec` ('toy' or a file), split 'train', 'test' or 'all' (docs/common.md)."""
     if spec == "toy":
         splits = ["train", "test"] if split == "all" else [split]
         return [e for name in splits for e in read_records(TOY_DIR / f"{name}.jsonl")]
@@ -549,11 +449,8 @@ def load_examples(spec, split="train", holdout=500):
 
 
 def batch_indices(num_examples, batch_size, position, seed):
-    """Indices of the examples at data positions [position, position + batch_size).
-
-    Each epoch is a fresh permutation seeded by (seed, epoch), so the data order is a pure function
-    of the position: resuming only needs the position, and no sampler state.
-    """
+    """Indices of the examples at data positions [position, position + batch_size); each epoch is a
+    permutation seeded by (seed, epoch), so resuming needs only the position, no sampler state."""
     indices = []
     for p in range(position, position + batch_size):
         epoch, offset = divmod(p, num_examples)
@@ -562,12 +459,7 @@ def batch_indices(num_examples, batch_size, position, seed):
     return indices
 
 
-def next_batch(run):
-    """Start a step: its clock, and this rank's --batch-size examples; advances the data position.
-
-    Rank r of N takes the positions [p + r*B, p + (r+1)*B) of the step's N*B: together the ranks
-    see the examples that one process with --batch-size N*B sees, in the same order.
-    """
+def next_batch(run):  # start a step's clock; this rank's examples (docs/common.md)
     args, state = run.args, run.state
     run.step_started, run.generated_before_step = time.time(), state["generated_tokens"]
     first = state["data_position"] + rank() * args.batch_size
@@ -576,43 +468,38 @@ def next_batch(run):
     return [run.train_examples[i] for i in indices]
 
 
-# ----------------------------------------------------------------------------------------------
-# Prompts and answer checking
+# ---- Prompts and answer checking -----------------------------------------------------------------
 
-INSTRUCTIONS = {
-    "####": "Solve it step by step and write the final answer after '####'.",
-    "boxed": "Please reason step by step, and put your final answer within \\boxed{}.",
-}
+INSTRUCTIONS = {"####": "Solve it step by step and write the final answer after '####'.",
+                "boxed": "Please reason step by step, and put your final answer within \\boxed{}."}
 
 
-def answer_style(solution):
-    """The data set's style of final answer, read from a reference solution: '####' or 'boxed'."""
+def answer_style(solution):  # the data set's style of final answer, from a reference solution
     return "####" if "####" in solution else "boxed"
 
 
-def student_prompt(question, style="####"):
-    """What the model sees when it solves a problem, in training and evaluation: no solution."""
+def student_prompt(question, style="####"):  # what the model solves: no solution shown
     return f"{question}\n{INSTRUCTIONS[style]}"
 
 
-def student_message(example):
-    """The problem alone, with the instruction in its data set's answer style."""
+def student_message(example):  # the problem alone, with its data set's instruction
     return student_prompt(example["question"], answer_style(example["solution"]))
 
 
-def chat_prompt(tokenizer, message, thinking=False):
-    """The text the model continues: its chat template when it has one, else a plain format.
-    thinking: the template's enable_thinking (Qwen3; a template without it ignores it). Off by
-    default: Qwen3 answers directly, no <think> block (short budgets of new tokens)."""
+def solution_prompt(question, solution):  # OPSD's teacher prompt (the paper's template)
+    return (f"{question}\n\nHere is a reference solution:\n{solution}\n\n"
+            "After understanding the reference solution, please try to solve this problem using "
+            f"your own approach below.\n{INSTRUCTIONS[answer_style(solution)]}")
+
+
+def chat_prompt(tokenizer, message, thinking=False):  # the chat template, or plain text
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True,
-            enable_thinking=thinking)
+        return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                             add_generation_prompt=True, enable_thinking=thinking)
     return f"Problem: {message}\nSolution:\n"
 
 
-def last_boxed(text):
-    """Content of the last \\boxed{...} in text, with nested braces; None if there is none."""
+def last_boxed(text):  # the content of the last \boxed{...}, nested braces and all, or None
     start = text.rfind("\\boxed{")
     if start < 0:
         return None
@@ -624,13 +511,7 @@ def last_boxed(text):
     return None
 
 
-def normalize_answer(answer):
-    r"""Canonical form of a final answer, so that equal answers compare equal as strings.
-
-    Numbers: '$1,080.00' -> '1080', ' 18. ' -> '18', '0.50' -> '0.5'. Anything else (a fraction
-    '3/4', LaTeX) loses '$', spaces, and \left / \right, and \dfrac and \tfrac become \frac:
-    '$\left( 1, 2 \right)$' -> '(1,2)'. '3/4' and '\frac{3}{4}' stay different answers.
-    """
+def normalize_answer(answer):  # equal answers become equal strings (docs/common.md)
     answer = answer.replace("\\$", "").replace("$", "").strip().rstrip(".").strip()
     try:
         value = float(answer.replace(",", ""))  # commas in a number separate thousands
@@ -642,85 +523,91 @@ def normalize_answer(answer):
 
 VALUE_START = re.compile(r"-?(\.?\d|[\\([])")  # 18, -3, .5, \frac, (1, 2), [0, 1): not a word
 NUMBERED_HEADING = re.compile(r"\d+[.)]\s+[A-Za-z]")  # '#### 2. Verification', '#### 1) Set up'
-# Units or a remark after a value, from its first word of two or more letters on (' dollars',
-# ' cups of flour.'); a lone letter may be a variable (2x + y) and stays.
-UNITS = re.compile(r"\s+[A-Za-z]{2,}.*")
+UNITS = re.compile(r"\s+[A-Za-z]{2,}.*")  # from the first word of 2+ letters on; x of 2x + y stays
 
 
-def hash_value(line):
-    """The answer written after one '####' (the rest of its line), or None if it is no value."""
-    value = line.replace("**", "").replace("\\$", "").replace("$", "").strip()  # **bold**, $18
-    if not VALUE_START.match(value) or NUMBERED_HEADING.match(value):
-        return None  # words ('#### Step 2: check', '#### 2. Check'): a Markdown heading; or nothing
-    return normalize_answer(UNITS.sub("", value).removesuffix("%"))  # '50%' answers '50'
-
-
-def extract_answer(text):
-    r"""Final answer of a solution or completion, normalised (normalize_answer); None if it has none.
-
-    The final answer is the last answer marker in the text, whichever kind comes last:
-      - \boxed{...}, nested braces allowed: 'so \boxed{\dfrac{1}{2}}' -> '\frac{1}{2}';
-      - '####' followed, on its line, by a value: a number, a fraction or an expression, that is
-        text starting with a digit, '-', '.', '\', '(' or '['. Markdown bold, '$' and trailing
-        units (the line from its first word of two or more letters on) are stripped:
-        '#### **18**', '#### $18.00', '#### 18 dollars' -> '18'; '#### 3/4' -> '3/4'.
-    A '####' followed by words, or by a numbered title ('#### 2. Check'), is a Markdown heading,
-    not a marker: in '#### 18\n#### Step 2: check' the answer is '18'. A trailing '%' is dropped. No marker, no answer: the text's last number does not count, as
-    writing the answer in the asked format is part of the task.
-    """
+def extract_answer(text):  # from the last \boxed{} or '####' (docs/common.md), or None
     boxed_at = text.rfind("\\boxed{")
     for marker in reversed(list(re.finditer(r"####(.*)", text))):  # '.' stops at line end
         if marker.start() < boxed_at:
             break  # a \boxed{} comes after this and every earlier '####'
-        value = hash_value(marker.group(1))
-        if value is not None:
-            return value
+        value = marker.group(1).replace("**", "").replace("\\$", "").replace("$", "").strip()
+        if VALUE_START.match(value) and not NUMBERED_HEADING.match(value):  # else a heading
+            return normalize_answer(UNITS.sub("", value).removesuffix("%"))  # '50%' answers '50'
     boxed = last_boxed(text)
     return normalize_answer(boxed) if boxed is not None else None
 
 
 def is_correct(completion, reference_answer):
-    """Whether the completion's final answer (extract_answer) is the reference answer, normalised."""
     predicted = extract_answer(completion)
     return predicted is not None and predicted == normalize_answer(reference_answer)
 
 
-def judge(texts, examples, group_size):
-    """[N] bool, on the CPU: whether completion i answers examples[i // group_size] (`is_correct`);
-    the group_size completions of a problem are adjacent, as `sample_rollouts` returns them."""
+def judge(texts, examples, group_size):  # [N] bool (CPU): text i answers examples[i // group_size]
     return torch.tensor([is_correct(text, examples[i // group_size]["answer"])
                          for i, text in enumerate(texts)], dtype=torch.bool, device="cpu")
 
 
-# ----------------------------------------------------------------------------------------------
-# A step's rollouts
+# ---- A step's rollouts ---------------------------------------------------------------------------
+
+def student_prompts(tokenizer, examples, thinking=False):
+    return [chat_prompt(tokenizer, student_message(example), thinking) for example in examples]
 
 
-def sample_rollouts(run, examples, num_samples, thinking=False, model=None, message=None):
-    """num_samples completions per example, in one `engine.generate` call with the script's
-    sampling flags (see its docstring for what it returns), from the run's model, or `model`, given
-    message(example) (default `student_message`, the problem alone) in the chat template. Adds the
-    tokens generated on all ranks to state["generated_tokens"], the sampling cost methods are
-    compared on."""
-    args = run.args
-    prompts = [chat_prompt(run.tokenizer, (message or student_message)(e), thinking)
-               for e in examples]
-    rollouts = engine.generate(model or run.model, run.tokenizer, prompts, args.max_new_tokens,
-                               args.temperature, args.top_p, args.top_k, num_samples)
+def sample_rollouts(run, model, prompts, num_samples):  # engine.generate, the script's flags
+    rollouts = engine.generate(model, run.tokenizer, prompts, run.args.max_new_tokens,
+                               run.args.temperature, run.args.top_p, run.args.top_k, num_samples)
     run.state["generated_tokens"] += global_sum(rollouts["num_generated_tokens"])  # of all ranks
     return rollouts
 
 
-def logprob_gap(sampler_logprobs, trainer_logprobs):
-    """The sampler/trainer gap of a step, for its log: {"logprob_gap_mean", "logprob_gap_max"} of
-    |log p_sampler(y_t) - log p_trainer(y_t)| over the same tokens, [n] each (lists of them: the
-    micro-batches), on all ranks.
+def completion_length(rollouts):
+    """The rollouts' mean completion length in tokens, the mean over ranks."""
+    lengths = torch.tensor([len(ids) for ids in rollouts["completions"]], dtype=torch.float,
+                           device="cpu")
+    return global_mean(lengths.mean().item())
 
-    The sampler's log-probability (engine.generate: a cached decode, one token at a time) and the
-    training pass's (one forward over the whole completion) are the same number in exact
-    arithmetic; on a CPU in float32 they agree to about 1e-6, on a GPU in bfloat16 they do not, and
-    this says by how much. Methods that take pi_old from the training pass (GRPO here) assume the
-    gap is small; TRL corrects for it by importance sampling (TRL #4159)."""
+
+def training_batches(prompts, completions, rows, micro_batch_size, tokenizer, device):
+    """The given rows of (prompts, completions), lists of token-id lists, as training batches of
+    micro_batch_size rows: [(the rows, `engine.pack`'s batch of them)], each prompt run once."""
+    return [(chunk, engine.pack([prompts[i] for i in chunk], [completions[i] for i in chunk],
+                                tokenizer.pad_token_id, device))
+            for chunk in (rows[first:first + micro_batch_size]
+                          for first in range(0, len(rows), micro_batch_size))]
+
+
+def batch_tokens(batch):  # tokens run through the model: distinct prompts and completions
+    return int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
+
+
+def textbook_logits(model, prompts, completions):
+    """Each [prompt | completion] row through the model alone: the logits that predict the
+    completion, [N, T, V], zero past a row's end; engine.py does it cheaper (docs/common.md)."""
+    width = max(map(len, completions))
+    return torch.stack([torch.nn.functional.pad(
+        model(input_ids=torch.tensor([prompt + completion], device=model.device)).logits[
+            0, len(prompt) - 1:-1], (0, 0, 0, width - len(completion)))
+        for prompt, completion in zip(prompts, completions)])
+
+
+def textbook_logprobs(model, prompts, completions, temperature=1.0):
+    """log p(y_t | x, y_<t) = log_softmax(z_t / T)[y_t], z_t from `textbook_logits`: [N, T], zero
+    past a row's end; `engine.token_logprobs` gets it without [N, T, V] logits (docs/common.md)."""
+    logits = textbook_logits(model, prompts, completions).float() / temperature  # [N, T, V]
+    batch = engine.pack(prompts, completions, 0, model.device)  # completion_ids, mask: [N, T]
+    return (logits.log_softmax(-1).gather(-1, batch["completion_ids"][..., None])[..., 0]
+            * batch["completion_mask"])
+
+
+def add_logprob_gap(gap, rollouts, rows, trainer_logprobs):  # a micro-batch's, for logprob_gap
+    gap[0].append(torch.cat([rollouts["logprobs"][i] for i in rows]))
+    gap[1].append(trainer_logprobs.detach())
+
+
+def logprob_gap(sampler_logprobs, trainer_logprobs):
+    """{"logprob_gap_mean", "logprob_gap_max"} of |log p_sampler(y_t) - log p_trainer(y_t)| over a
+    step's tokens (lists of [n] per micro-batch), all ranks; why it matters: docs/common.md."""
     gaps = (torch.cat(sampler_logprobs) - torch.cat(trainer_logprobs)).abs() if sampler_logprobs \
         else torch.zeros(0, device="cpu")  # [n]; none when no row was trained
     count = global_sum(gaps.numel())
@@ -729,17 +616,13 @@ def logprob_gap(sampler_logprobs, trainer_logprobs):
             "logprob_gap_max": global_max(largest)}
 
 
-# ----------------------------------------------------------------------------------------------
-# The end of a step: the optimizer step, then one log line, periodic evaluation and checkpoint
-
+# ---- The end of a step (optimizer step, log line, evaluation, checkpoint) and of the run ---------
 
 def optimizer_step(run):
     """Clip the gradient norm, step AdamW and the schedule, clear gradients; return the norm
     before clipping (worth logging: a loss near 0 can still come with a large gradient)."""
     trainable = [p for p in run.model.parameters() if p.requires_grad]
-    if dist.is_initialized():
-        # Each rank's loss is its part of the whole batch's loss (normalised by counts over all
-        # ranks), so the sum of the ranks' gradients is the gradient of the whole batch.
+    if dist.is_initialized():  # each rank's loss is its part of the batch's: sum the gradients
         for parameter in trainable:
             if parameter.grad is None:  # this rank trained no row this step
                 parameter.grad = torch.zeros_like(parameter)
@@ -752,10 +635,7 @@ def optimizer_step(run):
 
 
 def end_step(run, metrics, train_tokens):
-    """Count the step, its training tokens (this rank's `train_tokens`, summed over ranks here) and
-    its time; write the method's `metrics` with the learning rate, the tokens generated so far and
-    the step's tokens per second (generated and trained) as one line of the log and one row of
-    metrics.jsonl; evaluate (--eval-every) and save a checkpoint (--save-every) when they are due."""
+    """Count the step; log it; evaluate (--eval-every) and checkpoint (--save-every) when due."""
     args, state = run.args, run.state
     run.step += 1
     train_tokens = global_sum(train_tokens)
@@ -764,71 +644,41 @@ def end_step(run, metrics, train_tokens):
     step_tokens = state["generated_tokens"] - run.generated_before_step + train_tokens
     metrics = {"step": run.step, **metrics, "lr": run.scheduler.get_last_lr()[0],
                "generated_tokens": state["generated_tokens"],
-               "tokens_per_second": round(step_tokens / (time.time() - run.step_started)),
-               **periodic_evaluation(run)}
+               "tokens_per_second": round(step_tokens / (time.time() - run.step_started))}
+    if args.eval_every and run.step % args.eval_every == 0 and run.step != args.steps \
+            and run.eval_examples:  # not the last step: that is finish_run's
+        train_seconds = round(state["wall_seconds"] - state["eval_seconds"], 1)  # a plot's x
+        result = run_evaluation(run)
+        metrics.update(eval_accuracy=result["accuracy"], eval_format=result["format"],
+                       train_seconds=train_seconds)
     log_step(run.metrics_file, metrics, args.steps,
              (time.time() - run.loop_started) / (run.step - run.first_step))
     if args.save_every and run.step % args.save_every == 0 and run.step < args.steps:
         save_checkpoint(run)  # the final one is finish_run's
 
 
-def periodic_evaluation(run):
-    """Every --eval-every steps (not the last: finish_run evaluates it), the greedy held-out
-    accuracy and format share for the step's metrics, with the run's seconds so far that were not
-    spent evaluating (the x of an accuracy-against-time plot); else {}."""
-    args = run.args
-    if not args.eval_every or run.step % args.eval_every or run.step == args.steps \
-            or not run.eval_examples:
-        return {}
-    train_seconds = round(run.state["wall_seconds"] - run.state["eval_seconds"], 1)
-    result = run_evaluation(run)
-    return {"eval_accuracy": result["accuracy"], "eval_format": result["format"],
-            "train_seconds": train_seconds}
-
-
-def open_metrics(out, resumed_step):
-    """metrics.jsonl in `out`; on resume, drop rows past the checkpoint (they will be redone)."""
+def open_metrics(out, resumed_step):  # on resume, rows past the checkpoint go (to be redone)
     if rank() != 0:
         return open(os.devnull, "w")  # rank 0 logs for all
     path = Path(out) / "metrics.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    if resumed_step and path.exists():
-        rows = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= resumed_step]
+    lines = path.read_text().splitlines() if resumed_step and path.exists() else []
+    rows = [line for line in lines if line.strip() and json.loads(line)["step"] <= resumed_step]
     path.write_text("".join(row + "\n" for row in rows))
     return open(path, "a")
 
 
 def log_step(metrics_file, metrics, total_steps, seconds_per_step):
-    """Print one line for the step and append its metrics as JSON."""
-    metrics_file.write(json.dumps(metrics) + "\n")
-    metrics_file.flush()
+    print(json.dumps(metrics), file=metrics_file, flush=True)
     shown = "  ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
                       for key, value in metrics.items() if key != "step")
     eta = format_seconds(seconds_per_step * (total_steps - metrics["step"]))
     print(f"step {metrics['step']:>4}/{total_steps}  {shown}  eta {eta}", flush=True)
 
 
-def write_summary(out, summary):
-    """summary.json in `out`, and on stdout as one line without the per-problem results."""
-    if rank() == 0:
-        (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps({key: {name: value for name, value in item.items() if name != "correct"}
-                      if key in ("before", "after") and item else item
-                      for key, item in summary.items()}))
-
-
-# ----------------------------------------------------------------------------------------------
-# The end of the run
-
-
 def finish_run(run, **extra):
-    """Evaluate "after", save the final checkpoint and write summary.json: what was trained on
-    what, with which arguments, the result before and after, the last step's loss, the cost, and
-    the method's `extra` counts (those that are not None)."""
-    args, state = run.args, run.state
-    started = time.time()
+    """Evaluate "after", save the final checkpoint, write summary.json (`extra`: the method's)."""
+    args, state, started = run.args, run.state, time.time()
     after = run_evaluation(run, args.eval_k)
     print(f"after: {describe(after)}" + (f", before {state['before']['accuracy']:.3f}"
                                          if after["n"] and state["before"] else ""))
@@ -837,7 +687,7 @@ def finish_run(run, **extra):
     print(f"saved {'model' if args.full else 'adapter'} to {folder}")
     metrics = Path(args.out) / "metrics.jsonl"
     rows = metrics.read_text().splitlines() if rank() == 0 and metrics.exists() else []
-    write_summary(args.out, {
+    summary = {
         "method": args.method, "model": args.model, "data": args.data,
         "eval_data": args.eval_data or ("toy test split" if args.data == "toy"
                                         else f"{args.data} (held-out slice)"),
@@ -848,12 +698,15 @@ def finish_run(run, **extra):
         "eval_seconds": round(state["eval_seconds"], 1),
         **{key: value for key, value in extra.items() if value is not None},
         "started": state.get("started"), "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "args": vars(args)})
+        "args": vars(args)}
+    if rank() == 0:
+        (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({key: {name: value for name, value in item.items() if name != "correct"}
+                      if key in ("before", "after") and item else item  # no per-problem results
+                      for key, item in summary.items()}))
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-
+# ---- Evaluation ----------------------------------------------------------------------------------
 
 def format_seconds(seconds):
     seconds = int(max(0, seconds))
@@ -862,47 +715,27 @@ def format_seconds(seconds):
 
 
 def pass_at_k(n, c, k):
-    """Unbiased pass@k (Chen et al. 2021, arXiv 2107.03374): the chance that at least one of k
-    samples drawn without replacement from n, of which c are correct, is correct.
-
-        pass@k = 1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n-c+1}^{n} (1 - k / i)
-
-    The product form never builds the binomials, which overflow floats for large n.
-    """
+    """Unbiased pass@k of n samples, c correct: 1 - prod_{i=n-c+1}^{n} (1 - k / i)."""
     if n - c < k:
         return 1.0  # every choice of k contains a correct sample
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def majority_vote(answers):
-    """The most frequent final answer among samples (None = no readable answer, never a vote).
-
-    Tie rule: among the answers with the highest count, the one that appears first in `answers`
-    (the earliest sample) wins. Returns None when no sample has a readable answer.
-    """
+def majority_vote(answers):  # the most frequent but None, the first seen of equal counts
     counts = Counter(answer for answer in answers if answer is not None)  # keeps first-seen order
     return max(counts, key=counts.get) if counts else None  # max returns the first of equal counts
 
 
 def sample_metrics(sampled_answers, references):
-    """Metrics over problems from k sampled final answers each (normalized, or None).
-
-    mean@k: average accuracy of the samples (the OPSD paper's Avg@k; equals pass@1).
-    pass@j: unbiased estimate for j = 1, 2, 4, ... up to k (see `pass_at_k`).
-    maj@k: the majority-voted answer (`majority_vote`) is correct.
-    more_than_half@k: more than k/2 of the samples are correct (the "5 of 8" some comparisons
-    report as "majority@8": a different and stricter metric than maj@k).
-    format@k: the share of samples with a readable final answer, right or wrong.
-    """
+    """mean@k, pass@j, maj@k, more_than_half@k, format@k of k answers a problem (docs/common.md)."""
     k = len(sampled_answers[0])
-    correct = [sum(answer == reference for answer in answers)
-               for answers, reference in zip(sampled_answers, references)]
+    pairs = list(zip(sampled_answers, references))
+    correct = [sum(answer == reference for answer in answers) for answers, reference in pairs]
     problems = len(references)
     metrics = {f"mean@{k}": sum(correct) / (k * problems)}
     for j in sorted({2 ** i for i in range(k.bit_length()) if 2 ** i <= k} | {k}):
         metrics[f"pass@{j}"] = sum(pass_at_k(k, c, j) for c in correct) / problems
-    metrics[f"maj@{k}"] = sum(majority_vote(answers) == reference for answers, reference
-                              in zip(sampled_answers, references)) / problems
+    metrics[f"maj@{k}"] = sum(majority_vote(answers) == ref for answers, ref in pairs) / problems
     metrics[f"more_than_half@{k}"] = sum(2 * c > k for c in correct) / problems
     metrics[f"format@{k}"] = sum(answer is not None for answers in sampled_answers
                                  for answer in answers) / (k * problems)
@@ -911,19 +744,7 @@ def sample_metrics(sampled_answers, references):
 
 def evaluate(model, tokenizer, examples, max_new_tokens, batch_size=64, message=None, k=0,
              temperature=1.0, top_p=1.0, top_k=0, seed=0):
-    """Greedy accuracy on `examples`, and with k > 0 the `sample_metrics` of k samples per problem.
-
-    Returns {"accuracy", "format", "n", "correct"} (+ "k", "temperature", "mean@k", "pass@j",
-    "maj@k", ...); format is the share of greedy completions with a readable final answer
-    (`extract_answer`); correct[i] is 1 if the greedy answer to examples[i] is right: two
-    evaluations on the same problems compare problem by problem (toy/compare.py's paired changes).
-    message(example) -> the user message; default `student_message` (the problem alone).
-    batch_size counts rows of a generate call: batch_size // k problems at a time when sampling.
-    The samples come from a random stream of their own, seeded by `seed`, and the caller's random
-    state is put back afterwards: evaluating in the middle of a run does not change its training.
-    Under torchrun each rank evaluates every N-th problem and the answers are gathered, so all
-    ranks return the same result. Shows progress with an ETA on stderr (rank 0's share).
-    """
+    """Greedy accuracy and, with k > 0, `sample_metrics` of k samples a problem (docs/common.md)."""
     if not examples:  # --eval-n 0
         return {"accuracy": None, "n": 0}
     references = [normalize_answer(e["answer"]) for e in examples]
@@ -931,14 +752,14 @@ def evaluate(model, tokenizer, examples, max_new_tokens, batch_size=64, message=
     prompts = [chat_prompt(tokenizer, (message or student_message)(e)) for e in shard]
     runs = [("greedy", 1, 0.0)] + ([(f"{k} samples", k, temperature)] if k else [])
     answers = {}  # run name -> [problem][sample] final answers
-    device = model.device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         torch.manual_seed(seed)
         for name, num_samples, run_temperature in runs:
             step, start, answers[name] = max(1, batch_size // num_samples), time.time(), []
             for first in range(0, len(shard), step):
-                texts = engine.generate(model, tokenizer, prompts[first:first + step], max_new_tokens,
-                                        run_temperature, top_p, top_k, num_samples)["texts"]
+                texts = engine.generate(model, tokenizer, prompts[first:first + step],
+                                        max_new_tokens, run_temperature, top_p, top_k,
+                                        num_samples)["texts"]
                 answers[name] += [[extract_answer(text) for text in texts[i:i + num_samples]]
                                   for i in range(0, len(texts), num_samples)]
                 done = len(answers[name])
@@ -962,8 +783,7 @@ def evaluate(model, tokenizer, examples, max_new_tokens, batch_size=64, message=
     return result
 
 
-def describe(result):
-    """One line for an `evaluate` result: 'held-out accuracy 0.444 (n=500)  mean@8 0.41 ...'."""
+def describe(result):  # 'held-out accuracy 0.444 (n=500, format 0.9)  mean@8 0.41 ...'
     if result["n"] == 0:
         return "no held-out evaluation (--eval-n 0)"
     extra = "".join(f"  {key} {value:.3f}" for key, value in result.items() if "@" in key)
@@ -971,8 +791,7 @@ def describe(result):
             f"{result['format']:.3f}){extra}")
 
 
-def run_evaluation(run, k=0):
-    """`evaluate` with the script's flags; its time goes to state["eval_seconds"]."""
+def run_evaluation(run, k=0):  # `evaluate` with the script's flags, timed
     started, args = time.time(), run.args
     result = evaluate(run.model, run.tokenizer, run.eval_examples, args.max_new_tokens,
                       args.eval_batch_size, k=k, temperature=args.eval_temperature, seed=args.seed)
@@ -980,9 +799,7 @@ def run_evaluation(run, k=0):
     return result
 
 
-# ----------------------------------------------------------------------------------------------
-# Optimiser and schedule
-
+# ---- AdamW and its schedule ----------------------------------------------------------------------
 
 def make_optimizer(model, lr, weight_decay):
     """AdamW over the trainable parameters; no weight decay on biases and norm weights (1-D)."""
@@ -1004,33 +821,15 @@ def make_scheduler(optimizer, warmup_steps, total_steps, schedule="cosine"):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: out/checkpoint-<step>/ holds the adapter (PEFT layout) or full weights, plus
-# trainer_state.pt (optimizer, scheduler, RNG), state.json (step, data position, ...), args.json.
-
-
-def rng_state():
-    """The random states of this process: Python, the CPU and its own GPU (one GPU per rank)."""
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if isinstance(state["cuda"], torch.Tensor) and torch.cuda.is_available():  # (older: a list)
-        torch.cuda.set_rng_state(state["cuda"])  # the current device: this rank's GPU
-
+# ---- Checkpoints: out/checkpoint-<step>/, as `save_checkpoint` writes them -----------------------
 
 def save_checkpoint(run):
-    """Write checkpoint-<step> of the run atomically: into a temporary folder, then one rename.
-
-    A crash while writing leaves only the temporary folder, which resume ignores; the previous
-    checkpoint is deleted only after the new one is in place. Under torchrun rank 0 writes (the
-    weights are the same on every rank) with the random-number states of all ranks.
-    """
+    """Write out/checkpoint-<step>: adapter or weights, tokenizer, trainer_state.pt (optimizer,
+    schedule, all ranks' RNG, method tensors), state.json, args.json (docs/common.md)."""
     args, model = run.args, run.model
-    rng_states = gather_objects(rng_state())  # every rank samples from its own stream
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),  # its own GPU's too
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rng_states = gather_objects(rng)  # every rank samples from its own stream
     out = Path(args.out)
     final = out / f"checkpoint-{run.step:06d}"
     if rank() == 0:
@@ -1042,9 +841,9 @@ def save_checkpoint(run):
         else:  # PEFT's AutoPeftModel loads the base from the path or hub id recorded here
             save_lora(model, tmp, base_model=model_folder(args.model))
         run.tokenizer.save_pretrained(tmp)  # the folder alone is enough to evaluate or serve it
-        torch.save({"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                    "rng": rng_states, "method_tensors": run.method_tensors},
-                   tmp / "trainer_state.pt")
+        torch.save({"optimizer": run.optimizer.state_dict(),
+                    "scheduler": run.scheduler.state_dict(), "rng": rng_states,
+                    "method_tensors": run.method_tensors}, tmp / "trainer_state.pt")
         (tmp / "state.json").write_text(json.dumps({"step": run.step, **run.state}, indent=2))
         (tmp / "args.json").write_text(json.dumps(vars(args), indent=2))
         for file in tmp.iterdir():  # make the bytes durable before the rename publishes them
@@ -1060,35 +859,33 @@ def save_checkpoint(run):
 
 
 def latest_checkpoint(out):
-    folders = sorted(Path(out).glob("checkpoint-*"))
-    return folders[-1] if folders else None
+    return max(Path(out).glob("checkpoint-*"), default=None)
 
 
-def load_checkpoint(folder, run):
-    """Restore the run's weights, optimizer, scheduler, RNG, method tensors and state (step, data
-    position, counters) from the checkpoint `folder`."""
+def load_checkpoint(folder, run):  # restore what save_checkpoint saved in `folder`
     from safetensors.torch import load_file
     model = run.model
     if run.args.full:
-        weights = {}
-        for file in sorted(Path(folder).glob("*.safetensors")):
-            weights.update(load_file(file, device=str(model.device)))
+        weights = {name: tensor for file in sorted(Path(folder).glob("*.safetensors"))
+                   for name, tensor in load_file(file, device=str(model.device)).items()}
         missing, unexpected = model.load_state_dict(weights, strict=False)
         tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
         if unexpected or set(missing) - tied:
             raise InputError(f"{folder}: weights do not match the model ({missing or unexpected})")
     else:
         load_lora(model, folder)
-    # Onto the CPU first: load_state_dict moves the optimizer state to each parameter's device
-    # (without map_location every rank would first put its copy on the GPU it was saved from).
     trainer_state = torch.load(Path(folder) / "trainer_state.pt", weights_only=True,
-                               map_location="cpu")
+                               map_location="cpu")  # not the saving GPU; load_state_dict moves it
     run.optimizer.load_state_dict(trainer_state["optimizer"])
     run.scheduler.load_state_dict(trainer_state["scheduler"])
     if len(trainer_state["rng"]) != world_size():
         raise InputError(f"{folder}: saved by {len(trainer_state['rng'])} processes, resumed by "
                          f"{world_size()}: resume with as many (the data order depends on it)")
-    set_rng_state(trainer_state["rng"][rank()])
+    rng = trainer_state["rng"][rank()]
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if isinstance(rng["cuda"], torch.Tensor) and torch.cuda.is_available():  # (older: a list)
+        torch.cuda.set_rng_state(rng["cuda"])  # the current device: this rank's GPU
     run.method_tensors = {name: tensor.to(model.device) for name, tensor
                           in trainer_state.get("method_tensors", {}).items()}
     run.state = json.loads((Path(folder) / "state.json").read_text())

@@ -1,29 +1,23 @@
 """engine.py: what exists only for speed and memory. A reader of a method may trust it and skip it.
 
-Each function here equals a plain computation, and a test shows it:
-- `generate`, the sampler, equals `model.generate` with the same sampling rule (greedy: token for
-  token; tests/test_generation.py), with its own KV cache written in place and each prompt
-  prefilled once for all its samples;
-- `completion_hidden`, the training forward pass that runs each prompt once for all its
-  completions, equals one forward pass per [prompt | completion] row, in value and gradient, with
-  and without gradient checkpointing (tests/test_generation.py);
-- `chunked_output_layer`, the output layer applied a chunk of positions at a time with its gradient
-  taken in the forward pass, and what is built on it (`target_logprobs`, `token_logprobs`,
-  `compare_logits_in_chunks`), equal the same losses on the model's full logits, in value and
-  gradient (tests/test_fused_losses.py).
-Every dependency on transformers internals (its cache classes, decoder and output layer) lives
-here. This file imports no file of the project, reads no command-line arguments and prints nothing.
-"""
+Each function equals a plain computation, and a test shows it (notes: docs/engine.md):
+- `generate` (a KV cache written in place, each prompt prefilled once for all its samples) equals
+  `model.generate` with the same sampling rule, greedy token for token (tests/test_generation.py);
+- `completion_hidden` (each prompt once for all its completions) equals one forward pass per
+  [prompt | completion] row in value and gradient, checkpointed or not (tests/test_generation.py);
+- `chunked_output_layer` (the output layer a chunk of positions at a time, its gradient taken in
+  the forward pass) and `target_logprobs`, `token_logprobs`, `compare_logits_in_chunks` equal the
+  same losses on the full logits, in value and gradient (tests/test_fused_losses.py).
+Every dependency on transformers internals (cache classes, decoder, output layer) lives here. This
+file imports no file of the project, reads no command-line arguments and prints nothing."""
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DummyLayer, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import (DummyLayer, DynamicCache, DynamicLayer,
+                                      DynamicSlidingWindowLayer)
 
-# transformers' KV-cache layers that `completion_hidden` replaces by its own: attention, plain or
-# with a sliding window. Besides those, only DummyLayer (a layer that reads another layer's keys and
-# values: Gemma 4) is supported, not linear attention or other recurrent state.
-ATTENTION_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+ATTENTION_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)  # replaced by our own layers
 
 
 def unsupported_cache_layers(model):
@@ -34,14 +28,11 @@ def unsupported_cache_layers(model):
 
 
 def keep_cache_in_recomputed_layers(model):
-    """Let layers that gradient checkpointing recomputes use a cache (transformers turns it off).
-    Safe here: the only cache used with gradients is `completion_hidden`'s, which a recompute reads
-    (SharedPromptLayer) or writes the same again (PromptRecorder); `generate` runs without
-    gradients, where nothing is recomputed."""
+    """Let layers that gradient checkpointing recomputes use a cache (transformers turns it off)."""
     from transformers.modeling_layers import GradientCheckpointingLayer  # slow: only when needed
     for layer in model.modules():
         if isinstance(layer, GradientCheckpointingLayer):
-            layer._can_checkpoint_with_cache = True
+            layer._can_checkpoint_with_cache = True  # safe here: docs/engine.md
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,26 +48,16 @@ def end_token_ids(model, tokenizer):
 
 
 def is_end_token(tokens, end_ids):
-    """Whether each token is one of end_ids: a bool tensor of tokens' shape. (torch.isin sorts
-    through torch.unique beyond a few elements, which waits for the GPU.)"""
-    return (tokens[..., None] == end_ids).any(-1)
+    """Whether each token is one of end_ids: a bool tensor of tokens' shape (docs/engine.md)."""
+    return (tokens[..., None] == end_ids).any(-1)  # not torch.isin: it may sync
 
 
 def sample_next_token(logits, temperature=0.0, top_p=1.0, top_k=0):
-    """One token per row from next-token logits [N, V], from exactly the distribution the flags name,
-    and its log-probability: (tokens [N], logprobs [N] float32).
-
-    temperature 0: the argmax (greedy). Otherwise p = softmax(logits / temperature), restricted to the
-    top_k most likely tokens (0: no restriction), then to the most likely tokens whose total
-    probability reaches top_p (nucleus sampling, Holtzman et al. 2019, arXiv 1904.09751; 1: all),
-    and renormalised: the order transformers applies them in. Nothing else changes the
-    distribution: no repetition penalty or other default from a checkpoint's generation_config.json.
-
-    logprobs: log softmax(logits / temperature) at the drawn token (temperature 1 when greedy),
-    before top_k and top_p: what the trainer computes for the same token (`target_logprobs`), so
-    the two can be compared. NaN or infinite logits (a diverged model) give a NaN or infinite
-    log-probability, which `generate` turns into an error; the token is then still a valid id.
-    """
+    """One token per row of next-token logits [N, V], and its log-probability: tokens [N], logprobs
+    [N] float32. temperature 0: the argmax; else softmax(logits / temperature) restricted to the
+    top_k (0: all), then top_p (1: all) most likely tokens, renormalised, as transformers does.
+    logprobs: log softmax(logits / temperature) at the token, before top_k and top_p, temperature 1
+    if greedy: what `target_logprobs` computes (docs/engine.md)."""
     if temperature == 0:
         tokens = logits.argmax(-1)
     else:
@@ -100,33 +81,24 @@ def restrict(logits, top_p, top_k):
         sorted_logits, order = logits.sort(dim=-1)  # ascending
         tail = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p  # least likely, total <= 1 - top_p
         tail[:, -1] = False  # the most likely token always stays
-        logits = logits.masked_fill(tail.scatter(1, order, tail), float("-inf"))  # back in vocab order
+        logits = logits.masked_fill(tail.scatter(1, order, tail), float("-inf"))  # in vocab order
     return logits
 
 
 def inverse_cdf_draw(logits):
-    """One token per row of softmax(logits) [N, V], by the inverse CDF in float64 (exact; 40x faster
-    than torch.multinomial at V = 151,936 on a CPU): token i where cumulative[i - 1] <= u <
-    cumulative[i], so a token of probability 0 never comes. No host sync: a non-finite row (NaN
-    total) draws some valid id, never V."""
+    """One token per row of softmax(logits) [N, V] by the inverse CDF in float64 (exact: a token of
+    probability 0 never comes), with no host sync (docs/engine.md)."""
     cumulative = logits.softmax(-1, dtype=torch.float64).cumsum(-1)  # [N, V]
     total = cumulative[:, -1:]  # [N, 1], 1 up to rounding
     u = torch.minimum(torch.rand(total.shape, dtype=torch.float64, device=total.device) * total,
-                      total.nextafter(torch.zeros_like(total)))  # uniform below the total, rounded too
+                      total.nextafter(torch.zeros_like(total)))  # uniform below the total
     return torch.searchsorted(cumulative, u, right=True).squeeze(1).clamp_(max=logits.shape[1] - 1)
 
 
 class PreallocatedLayer(DynamicLayer):
-    """One attention layer's KV cache in buffers of [rows, heads, capacity, head_dim], written in
-    place. transformers' DynamicLayer concatenates instead, which copies the whole cache at every
-    token (a fifth of a small model's sampling time). With `preallocate`, the buffers hold the
-    whole rollout (max_length positions) from the first decode step on and never grow; otherwise
-    they double when full (up to max_length), so each position is copied about once more in all.
-    Buffers are in the values' dtype, the compute dtype: under autocast (--full) the keys come out
-    of a float32 norm and RoPE, and would take 1.5x the memory; attention casts them anyway.
-    keys / values are views of the first `length` positions: attention sees only those. Only what
-    `generate` calls is adapted (update, repeating and selecting rows); DynamicLayer's crop, reset
-    and offloading do not know the buffers."""
+    """One attention layer's KV cache in [rows, heads, capacity, head_dim] buffers written in place:
+    max_length positions from the first decode step with `preallocate`, else doubling when full;
+    keys / values: views of the first `length` positions. Made for `generate` (docs/engine.md)."""
 
     def __init__(self, max_length, preallocate=False):
         super().__init__()
@@ -170,17 +142,16 @@ class PreallocatedLayer(DynamicLayer):
 
 
 def rollout_fits(model, rows, length):
-    """Whether a KV cache of `rows` x `length` positions for every layer may be allocated whole:
-    on CUDA, if it takes at most half of the memory free there (counted in the weights' dtype:
-    twice the cache under --full's autocast, on the safe side); elsewhere always (a CPU commits
-    the pages of an allocation only as they are written)."""
+    """Whether a KV cache of `rows` x `length` positions in every layer may be allocated whole: on
+    CUDA if it takes at most half the free memory; elsewhere always (docs/engine.md)."""
     device = model.device
     if device.type != "cuda":
         return True
     config = model.config.get_text_config()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    cache_bytes = 2 * config.num_hidden_layers * rows * length * heads * head_dim * model.dtype.itemsize
+    cache_bytes = 2 * config.num_hidden_layers * rows * length * heads * head_dim \
+        * model.dtype.itemsize  # weights' dtype: safe under autocast (docs)
     free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
         - torch.cuda.memory_allocated(device)  # blocks the allocator holds are free to us
     return cache_bytes <= free / 2
@@ -189,13 +160,10 @@ def rollout_fits(model, rows, length):
 @contextmanager
 def sdpa_attention(model):
     """The model with PyTorch's scaled_dot_product_attention while decoding, its own implementation
-    back afterwards. Flash Attention 2 in transformers unpads left-padded rows at every layer and
-    step (a nonzero and a .item(): two host syncs a layer) and copies the cache view; SDPA takes
-    the padding as a mask. Training passes (`completion_hidden`) keep Flash Attention 2, and so
-    does decoding a model that has no SDPA path (Gemma 2: its soft cap)."""
+    back afterwards: Flash Attention 2 syncs with the host at every layer (docs/engine.md)."""
     implementation = model.config._attn_implementation
     if implementation.startswith("flash_attention") and getattr(model, "_supports_sdpa", False):
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation("sdpa")  # not Gemma 2: no SDPA path, for its soft cap
     try:
         yield
     finally:
@@ -210,24 +178,12 @@ COMPACT_FRACTION = 0.25  # ended rows leave the batch (and the cache) once they 
 @torch.inference_mode()  # no autograd bookkeeping at all: 4% faster than no_grad on the tiny model
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
              num_samples=1):
-    """Sample `num_samples` completions per prompt with the model's KV cache (`sample_next_token`).
-
-    Each prompt is prefilled once and its cache copied to its samples; a row stops at the first of
-    the model's end tokens (`end_token_ids`). temperature 0 is greedy decoding. Returns a dict with
-    prompt_ids [N, P] (left padded), prompt_mask [N, P], completion_ids [N, T] (right padded),
-    completion_mask [N, T] (1 up to and including the end token), logprobs [N, T] (each drawn
-    token's log-probability, `sample_next_token`; 0 on padding), finished [N] (ended with an end
-    token, not cut by max_new_tokens), texts (N decoded completions) and num_generated_tokens;
-    N = len(prompts) * num_samples, rows of one prompt adjacent.
-
-    Written so that a GPU does not wait on the host: the loop never reads a tensor's value except
-    every CHECK_EVERY steps, when it asks how many rows have ended (one sync). An ended row keeps
-    its place and writes padding until COMPACT_FRACTION of the batch has ended; then those rows
-    leave the batch and the cache together. The cache is allocated whole when it fits
-    (`rollout_fits`), and decoding runs through SDPA (`sdpa_attention`) with the padding mask made
-    once here rather than by transformers at every step (with models whose layers all attend to
-    every earlier position; with sliding-window layers transformers makes it).
-    """
+    """`num_samples` completions per prompt with a KV cache (`sample_next_token`; temperature 0:
+    greedy), each prompt prefilled once, a row ending at its first end token (`end_token_ids`).
+    Returns N = len(prompts) * num_samples rows, a prompt's adjacent, as `pack` takes them: prompts,
+    completions (N lists of ids, up to and including the end token), logprobs (N [length] tensors),
+    finished (N bools: ended by an end token, not by max_new_tokens), texts (N decoded completions)
+    and num_generated_tokens. No host sync but every CHECK_EVERY steps (docs/engine.md)."""
     device = model.device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=False).to(device)
@@ -237,19 +193,19 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     max_length = prompt_length + max_new_tokens
     was_training = model.training
     model.eval()  # no dropout while sampling
-    cache = DynamicCache(config=model.config)  # full-attention layers preallocated, others as they are
+    cache = DynamicCache(config=model.config)  # full-attention layers preallocated, others kept
     preallocate = rollout_fits(model, num_rows, max_length)
     cache.layers = [PreallocatedLayer(max_length, preallocate) if type(layer) is DynamicLayer
                     else layer for layer in cache.layers]
     decoder = model.get_decoder()
 
-    def next_token_logits(input_ids, attention_mask, position_ids):  # [rows, V]: at the last position
+    def next_token_logits(input_ids, attention_mask, position_ids):  # [rows, V], last position
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, cache=cache, use_cache=True).last_hidden_state
         return output_logits(model, hidden[:, -1])
 
     with sdpa_attention(model):
-        positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)  # real tokens only: padding shifts nothing
+        positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)  # real tokens only, not padding
         logits = next_token_logits(prompt_ids, prompt_mask, positions)
         cache.batch_repeat_interleave(num_samples)  # the samples of a prompt share its prefix
         logits = logits.repeat_interleave(num_samples, 0)  # [N, V]
@@ -292,31 +248,20 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     is_end = is_end_token(completion_ids[:, :t + 1], end_ids)  # [N, steps]
     finished = is_end.any(1)
     lengths = torch.where(finished, is_end.int().argmax(1) + 1, t + 1)  # [N]
-    completion_ids = completion_ids[:, :int(lengths.max())]
-    # The mask comes from lengths, not from token equality: pad may equal an end token.
-    completion_mask = (torch.arange(completion_ids.shape[1], device=device) < lengths[:, None]).long()
-    logprobs = logprobs[:, :completion_ids.shape[1]].masked_fill(completion_mask == 0, 0.0)
-    if not logprobs.isfinite().all():
+    after_end = torch.arange(t + 1, device=device) >= lengths[:, None]  # [N, steps]: unused draws
+    if not (logprobs[:, :t + 1].isfinite() | after_end).all():
         raise ValueError("next-token logits hold NaN or infinity: the model's weights diverged")
-    rollouts = {
-        "prompt_ids": prompt_ids.repeat_interleave(num_samples, 0),
-        "prompt_mask": prompt_mask.repeat_interleave(num_samples, 0),
-        "completion_ids": completion_ids,
-        "completion_mask": completion_mask,
-        "logprobs": logprobs,
-        "finished": finished,
-        "texts": [tokenizer.decode(ids[:n], skip_special_tokens=True)
-                  for ids, n in zip(completion_ids.tolist(), lengths.tolist())],
-        "num_generated_tokens": int(lengths.sum()),
-    }
-    with torch.inference_mode(False):  # callers train on these: copies that autograd accepts
-        return {key: value.clone() if torch.is_tensor(value) else value
-                for key, value in rollouts.items()}
-
-
-def unpadded(ids, mask):
-    """The rows of a padded [N, L] tensor as N lists of token ids, without their padding."""
-    return [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
+    prompt_lengths, lengths = prompt_mask.sum(1).tolist(), lengths.tolist()
+    prompt_rows = [ids[len(ids) - n:] for ids, n in zip(prompt_ids.tolist(), prompt_lengths)]
+    completions = [ids[:n] for ids, n in zip(completion_ids[:, :t + 1].tolist(), lengths)]
+    with torch.inference_mode(False):  # callers compute with these: a copy that autograd accepts
+        logprobs = logprobs.clone()
+    return {"prompts": [prompt_rows[i // num_samples] for i in range(num_rows)],
+            "completions": completions,
+            "logprobs": [row[:n] for row, n in zip(logprobs, lengths)],
+            "finished": finished.tolist(),
+            "texts": [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions],
+            "num_generated_tokens": sum(lengths)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,13 +269,10 @@ def unpadded(ids, mask):
 
 
 def pack(prompts, completions, pad_id, device):
-    """A training batch from N rows of token-id lists, row i = prompts[i] + completions[i]: each
-    distinct prompt once (the G samples of a prompt share it), left padded, and every completion
-    right padded. Returns a dict of prompt_ids, prompt_mask [M, P] (M distinct prompts),
-    completion_ids, completion_mask [N, T] and prompt_of_row [N] (row i continues prompt
-    prompt_of_row[i]). The masks come from lengths, never from token equality, so an EOS equal to
-    the pad token is still trained.
-    """
+    """A batch from N rows, row i = prompts[i] + completions[i] (token-id lists): prompt_ids,
+    prompt_mask [M, P] (each distinct prompt once, left padded), completion_ids, completion_mask
+    [N, T] (right padded; the masks from lengths, so an EOS equal to pad is trained) and
+    prompt_of_row [N] (the prompt that row i continues)."""
     distinct = {}  # prompt -> its index, in order of first appearance
     prompt_of_row = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
 
@@ -352,9 +294,8 @@ def pack(prompts, completions, pad_id, device):
 
 
 class PromptRecorder(DynamicLayer):
-    """An attention layer's cache in the prompt pass of `completion_hidden`: no earlier positions;
-    it keeps the prompts' keys and values for the completion pass. (A layer that gradient
-    checkpointing recomputes writes the same ones again.)"""
+    """An attention layer's cache in `completion_hidden`'s prompt pass: no earlier positions; it
+    keeps the prompts' keys and values for the completion pass (a recompute writes the same)."""
 
     def update(self, key_states, value_states, *args, **kwargs):
         self.keys, self.values = key_states, value_states  # [M, heads, P, head_dim]
@@ -362,11 +303,8 @@ class PromptRecorder(DynamicLayer):
 
 
 class SharedPromptLayer(DynamicLayer):
-    """An attention layer's cache in the completion pass of `completion_hidden`: the keys and values
-    of the M prompts and which prompt each of the N rows continues. update() returns each row's
-    prompt followed by the row's new positions, and stores nothing, so a layer that gradient
-    checkpointing recomputes sees exactly what it saw the first time. The rows' copies of their
-    prompt are made inside update(), so checkpointing recomputes them instead of keeping them."""
+    """An attention layer's cache in `completion_hidden`'s completion pass: update() returns each
+    row's prompt, then the row's new positions, and stores nothing (docs/engine.md)."""
 
     def __init__(self, prompt_keys, prompt_values, prompt_of_row):
         super().__init__()
@@ -374,43 +312,28 @@ class SharedPromptLayer(DynamicLayer):
         self.is_initialized = True  # get_seq_length() is the prompt length, for the attention mask
 
     def update(self, key_states, value_states, *args, **kwargs):
-        # index_select, not keys[rows]: its backward adds up the rows of a prompt in a fixed
-        # order; that of indexing does not on several threads (runs would differ in the 7th digit)
+        # index_select, not keys[rows]: its backward sums a prompt's rows in a fixed order
         return (torch.cat([self.keys.index_select(0, self.prompt_of_row), key_states], -2),
                 torch.cat([self.values.index_select(0, self.prompt_of_row), value_states], -2))
 
 
 def completion_hidden(model, batch):
-    """The final hidden states (after the last norm, before the output layer) that predict each
-    completion token of `batch` (`pack`): [N, T, H], row i position t predicts completion token t.
-
-    Two passes through the decoder. First the M distinct prompts, once each, keeping every layer's
-    keys and values; then the N completions, each attending to its own prompt's keys and values and
-    to itself. So the G samples of a prompt share one prompt pass: on the toy, a prompt of 184
-    tokens and 8 completions of 48 are 568 positions instead of 8 x 232 = 1,856. The hidden states,
-    and their gradients, which flow through the shared keys and values into the prompt pass, are
-    those of one pass over each [prompt | completion] row. Position ids count real tokens only, so
-    left padding shifts nothing. With gradient checkpointing, the prompts' keys and values are
-    kept from one pass to the other (about one layer input's worth per prompt position and layer).
-
-    The output layer is not applied here: at a real vocabulary its logits are the largest tensor of
-    a step ([N, T, V]; with Qwen3's V = 151,936 one row of 1024 positions is 620 MB in float32), so
-    the losses apply it a chunk of completion positions at a time (`chunked_output_layer`).
-    """
+    """The final hidden states (after the last norm) that predict the completion tokens of `batch`
+    (`pack`): [N, T, H], position t predicting token t. The M prompts run once each, then the N
+    completions attend to their prompt's keys and values: in value and gradient one pass per
+    [prompt | completion] row (tests/test_generation.py). No output layer (docs/engine.md)."""
     decoder, prompt_mask, rows = model.get_decoder(), batch["prompt_mask"], batch["prompt_of_row"]
 
     def run(input_ids, attention_mask, position_ids, layers):
         cache = DynamicCache(config=model.config)
         cache.layers = layers
-        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       cache=cache, use_cache=False).last_hidden_state  # the cache is ours, read only
+        return decoder(input_ids=input_ids, attention_mask=attention_mask,  # cache: ours, read only
+                       position_ids=position_ids, cache=cache, use_cache=False).last_hidden_state
 
-    # Attention layers (plain or sliding-window) get ours; a layer that reads another layer's keys
-    # and values (DummyLayer: Gemma 4's KV sharing) stays as it is (`unsupported_cache_layers`).
     prompt_layers = [PromptRecorder() if type(layer) in ATTENTION_CACHE_LAYERS else layer
-                     for layer in DynamicCache(config=model.config).layers]
+                     for layer in DynamicCache(config=model.config).layers]  # DummyLayer: kept
     prompt_hidden = run(batch["prompt_ids"], prompt_mask, (prompt_mask.cumsum(1) - 1).clamp(min=0),
-                        prompt_layers)  # [M, P, H]
+                        prompt_layers)  # [M, P, H]; positions count real tokens, not padding
     completion_layers = [SharedPromptLayer(layer.keys, layer.values, rows)
                          if isinstance(layer, PromptRecorder) else layer for layer in prompt_layers]
     completion_mask = batch["completion_mask"]
@@ -423,20 +346,17 @@ def completion_hidden(model, batch):
 
 
 # ----------------------------------------------------------------------------------------------
-# Log-probabilities from hidden states: the output layer a chunk of positions at a time
+# Log-probabilities from hidden states, the output layer a chunk of positions at a time
 
 
 def output_logits(model, hidden):
-    """The model's logits from its final hidden states [..., H] -> [..., V]: the output layer (tied
-    to the embeddings or not), then what some models do to their final logits: Cohere multiplies
-    by logit_scale, Granite divides by logits_scaling, Gemma 2 soft-caps, cap * tanh(logits / cap).
-    What model(...).logits holds, up to rounding: on a CPU a plain output layer is applied as
-    (b + W h^T)^T, as MKL's F.linear is 2.5x slower at the sampler's few rows (docs: Speed)."""
+    """The model's logits [..., V] from its final hidden states [..., H]: model(...).logits up to
+    rounding (the output layer, then the model's own scaling or soft cap; docs/engine.md)."""
     config = model.config.get_text_config()
     layer = model.get_output_embeddings()
-    plain = (type(layer) is torch.nn.Linear and "forward" not in vars(layer)  # not wrapped (autocast)
+    plain = (type(layer) is torch.nn.Linear and "forward" not in vars(layer)  # no autocast wrapper
              and not layer._forward_hooks and not layer._forward_pre_hooks)  # no hooks to call
-    if plain and hidden.device.type == "cpu":
+    if plain and hidden.device.type == "cpu":  # (b + W h^T)^T: MKL's F.linear is slower
         rows = hidden.reshape(-1, hidden.shape[-1]).T  # [H, n]
         product = layer.weight @ rows if layer.bias is None else \
             torch.addmm(layer.bias[:, None], layer.weight, rows)  # [V, n]
@@ -451,22 +371,13 @@ def output_logits(model, hidden):
 
 
 class ChunkedOutputLayer(torch.autograd.Function):
-    """`chunked_output_layer`'s forward and backward passes. The outputs y [n] are one number per
-    row, and row i of y depends on row i of each input x only (a position's loss on its own hidden
-    state), so
-
-        dL/dx_i = dL/dy_i * dy_i/dx_i,    dy_i/dx_i = row i of d(sum_j y_j)/dx    ([n, H] in all)
-
-    The forward pass computes y and those rows a chunk at a time, while the chunk's logits exist,
-    and frees them: the backward pass is one product, with nothing recomputed. Liger-Kernel's fused
-    linear cross-entropy does the same in Triton. A trainable output layer (full fine-tuning) needs
-    dL/dy before its own gradient can be summed over rows, so that gradient is recomputed a chunk at
-    a time in the backward pass.
-    """
+    """`chunked_output_layer`'s passes: dL/dx_i = dL/dy_i * (row i of d(sum_j y_j)/dx), those rows
+    computed in the forward pass while a chunk's logits exist (docs/engine.md)."""
 
     @staticmethod
     def forward(context, function, chunk_size, num_tensors, *tensors_and_parameters):
-        tensors, parameters = tensors_and_parameters[:num_tensors], tensors_and_parameters[num_tensors:]
+        tensors, parameters = tensors_and_parameters[:num_tensors], \
+            tensors_and_parameters[num_tensors:]
         needs_grad = context.needs_input_grad[3:]  # after the 3 non-tensor arguments above
         trained = [p for p, needs in zip(parameters, needs_grad[num_tensors:]) if needs]
         outputs, monitored, jacobians = [], [], [[] for _ in tensors]
@@ -503,7 +414,7 @@ class ChunkedOutputLayer(torch.autograd.Function):
                          * jacobian.float()).to(jacobian.dtype)
                         for jacobian in jacobians]
         parameter_grads = [torch.zeros_like(p) for p in context.trained]
-        if context.trained:  # a trainable output layer: its gradient, recomputed a chunk at a time
+        if context.trained:  # a trainable output layer needs dL/dy: recomputed a chunk at a time
             for start in range(0, tensors[0].shape[0], context.chunk_size):
                 chunk = [tensor[start:start + context.chunk_size].detach() for tensor in tensors]
                 with torch.enable_grad():
@@ -520,32 +431,18 @@ class ChunkedOutputLayer(torch.autograd.Function):
 
 
 def chunked_output_layer(function, tensors, chunk_size, parameters):
-    """function(*chunk) on `chunk_size` rows of the [n, ...] `tensors` at a time; the chunks' [c]
-    outputs concatenated: [n]. Output i may depend on row i of the tensors only. `parameters`: every
-    parameter `function` uses (the output layer's); one left out gets no gradient if it trains.
-    `function` may also return a pair ([c] values, [c, m] monitored values): then the result is the
-    pair ([n], [n, m]), and the monitored values, computed from the same chunk's logits for a log,
-    have no gradient.
-
-    The fused linear + loss of Liger-Kernel (its fused linear cross-entropy and JSD, there in
-    Triton): `function` makes a chunk's logits from hidden states and reduces them to one number
-    per position at once, so only [chunk_size, V] logits ever exist, and their gradient with respect
-    to the hidden states is taken at once too (`ChunkedOutputLayer`). Peak: a few [chunk_size, V]
-    float32 tensors, and one [n, H] tensor per differentiated input. Equal to the unchunked
-    computation in value and gradient for rows of any shape: tests/test_fused_losses.py.
-    """
+    """function(*chunk) on `chunk_size` rows of the [n, ...] `tensors` at a time, its [c] outputs
+    concatenated: [n], output i of row i only; for ([c], [c, m] monitored values): ([n], [n, m]),
+    the latter without gradient. `parameters`: all that `function` uses (one left out gets no
+    gradient). Equal to the unchunked computation in value and gradient for rows of any shape:
+    tests/test_fused_losses.py. (docs/engine.md)"""
     return ChunkedOutputLayer.apply(function, chunk_size, len(tensors), *tensors, *parameters)
 
 
 def target_logprobs(model, hidden, targets, temperature=1.0, chunk_size=128):
-    """log p(target) under softmax(logits / temperature), logits = output_logits(model, hidden):
-
-        log p(y | h) = z_y / T - log sum_v exp(z_v / T),    z = W h    (W: the output layer)
-
-    hidden [n, H], targets [n] -> [n] float32, computed `chunk_size` positions at a time
-    (`chunked_output_layer`). RL needs the log-probs of the policy that sampled, so pass the
-    sampling temperature. Equal to log_softmax of the full logits: tests/test_fused_losses.py.
-    """
+    """log softmax(output_logits(model, hidden) / temperature) at the targets: hidden [n, H],
+    targets [n] -> [n] float32, `chunk_size` positions at a time (RL: pass the sampling
+    temperature). Equal to log_softmax of the full logits: tests/test_fused_losses.py."""
     def chunk_logprobs(hidden_chunk, target_chunk):
         logits = output_logits(model, hidden_chunk).float() / temperature  # [c, V]
         return -F.cross_entropy(logits, target_chunk, reduction="none")  # [c]
@@ -554,10 +451,8 @@ def target_logprobs(model, hidden, targets, temperature=1.0, chunk_size=128):
 
 
 def token_logprobs(model, batch, temperature=1.0, chunk_size=128):
-    """log p(completion token t | prompt, completion tokens before t) of each row of `batch`
-    (`pack`): [N, T] float32, 0 on padding. The output layer runs on completion positions only
-    (`target_logprobs`), never on the prompt.
-    """
+    """log p(completion token t | prompt, tokens before t) of each row of `batch` (`pack`): [N, T]
+    float32, 0 on padding; the output layer runs on completion positions only."""
     mask = batch["completion_mask"].bool()
     logprobs = target_logprobs(model, completion_hidden(model, batch)[mask],
                                batch["completion_ids"][mask], temperature, chunk_size)
@@ -566,16 +461,10 @@ def token_logprobs(model, batch, temperature=1.0, chunk_size=128):
 
 def compare_logits_in_chunks(function, student, student_hidden, teacher_logits, teacher_hidden,
                              chunk_size=128, extra=()):
-    """function(student logits, teacher logits, *extra rows) at each of n positions: [n].
-    student_hidden, teacher_hidden: [n, H] final hidden states of the student and the teacher, row
-    i of both at the same completion token; teacher_logits(hidden) gives the teacher's logits,
-    without gradient (OPSD's `Teacher.logits`: the teacher's output layer under its own weights);
-    `extra`: more [n, ...] tensors whose rows go with them (the completion token ids, say).
-    `function` maps two [c, V] logits to [c], or to [c] and [c, m] monitored values
-    (`chunked_output_layer`). The logits exist `chunk_size` positions at a time; the gradient
-    flows into the student only. Equal to the same function of the full logits:
-    tests/test_fused_losses.py.
-    """
+    """function(student logits, teacher logits, *extra rows) at n positions, from [n, H] final
+    hidden states of both -> [n], the gradient into the student only; teacher_logits(hidden) gives
+    the teacher's; `extra`: more [n, ...] rows. Equal to the same function of the full logits:
+    tests/test_fused_losses.py. (docs/engine.md)"""
     def chunk_values(student_chunk, teacher_chunk, *extra_chunks):  # [c, H] each -> [c]
         teacher_chunk_logits = teacher_logits(teacher_chunk)  # first: a weight swap ends before
         return function(output_logits(student, student_chunk), teacher_chunk_logits, *extra_chunks)

@@ -21,29 +21,14 @@ import common  # noqa: E402
 sample_rollouts = common.sample_rollouts
 
 
-def seeded_rollouts(run, examples, *args, **kwargs):
-    """common.sample_rollouts, one question at a time, each from the seed of its question text."""
+def seeded_rollouts(run, model, prompts, num_samples):
+    """common.sample_rollouts, one prompt at a time, each from the seed of its text."""
     parts = []
-    for example in examples:
-        torch.manual_seed(zlib.crc32(example["question"].encode()))
-        parts.append(sample_rollouts(run, [example], *args, **kwargs))
-    pad = run.tokenizer.pad_token_id
-    prompt_width = max(part["prompt_ids"].shape[1] for part in parts)
-    completion_width = max(part["completion_ids"].shape[1] for part in parts)
-
-    def padded(key, width, value, left):
-        tensors = [part[key] for part in parts]
-        return torch.cat([torch.nn.functional.pad(
-            tensor, (width - tensor.shape[1], 0) if left else (0, width - tensor.shape[1]),
-            value=value) for tensor in tensors])
-    return {"prompt_ids": padded("prompt_ids", prompt_width, pad, left=True),
-            "prompt_mask": padded("prompt_mask", prompt_width, 0, left=True),
-            "completion_ids": padded("completion_ids", completion_width, pad, left=False),
-            "completion_mask": padded("completion_mask", completion_width, 0, left=False),
-            "logprobs": padded("logprobs", completion_width, 0.0, left=False),
-            "finished": torch.cat([part["finished"] for part in parts]),
-            "texts": [text for part in parts for text in part["texts"]],
-            "num_generated_tokens": sum(part["num_generated_tokens"] for part in parts)}
+    for prompt in prompts:
+        torch.manual_seed(zlib.crc32(prompt.encode()))
+        parts.append(sample_rollouts(run, model, [prompt], num_samples))
+    return {key: [row for part in parts for row in part[key]] if isinstance(parts[0][key], list)
+            else sum(part[key] for part in parts) for key in parts[0]}
 
 
 if __name__ == "__main__":

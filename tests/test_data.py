@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 
 import common
-import opsd
 from common import InputError, extract_answer, is_correct, load_examples, normalize_answer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gsm8k_sample.jsonl"
@@ -163,7 +162,7 @@ def test_prompts_keep_the_solution_out_of_the_student_prompt(toy):
     _, tokenizer = toy
     example = load_examples("toy", "test")[0]
     student = common.chat_prompt(tokenizer, common.student_prompt(example["question"]))
-    teacher = common.chat_prompt(tokenizer, opsd.teacher_prompt(example["question"], example["solution"]))
+    teacher = common.chat_prompt(tokenizer, common.solution_prompt(example["question"], example["solution"]))
     assert example["question"] in student and example["solution"] not in student
     assert example["solution"] in teacher and "reference solution" in teacher
     assert student.startswith("<|im_start|>user\n") and student.endswith("<|im_start|>assistant\n")

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import common
-import opsd
 import sft
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "toy"))
@@ -101,7 +100,7 @@ def test_evaluate_with_the_teacher_view_shows_the_reference_solution(toy, tmp_pa
     evaluate.main(["--view", "teacher", "--eval-n", "16", "--eval-k", "0", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "eval.json").read_text())
     examples = common.load_examples("toy", "test")[:16]
-    teacher = common.evaluate(model, tokenizer, examples, 64, message=lambda e: opsd.teacher_prompt(
+    teacher = common.evaluate(model, tokenizer, examples, 64, message=lambda e: common.solution_prompt(
         e["question"], e["solution"]))
     assert result["view"] == "teacher" and result["correct"] == teacher["correct"]
     assert result["accuracy"] > common.evaluate(model, tokenizer, examples, 64)["accuracy"]

@@ -4,10 +4,10 @@ and its sampled-token loss; with LoRA and without, tied and untied output layers
 Granite and Cohere do to their final logits, and an output layer with a bias."""
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM,
                           GraniteConfig, GraniteForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
+import common
 import engine
 import grpo
 import opsd
@@ -52,22 +52,6 @@ def rows():
     return prompts, completions, engine.pack(prompts, completions, pad_id=0, device="cpu")
 
 
-def unfused_logits(model, prompts, completions):
-    """The textbook way: each whole row through the model, its full logits at the positions that
-    predict the completion: [N, T, V], zero on padding."""
-    width = max(map(len, completions))
-    return torch.stack([
-        F.pad(model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1],
-              (0, 0, 0, width - len(c))) for p, c in zip(prompts, completions)])
-
-
-def unfused_logprobs(model, prompts, completions, temperature):
-    """log-softmax of the full logits, gathered at the completion tokens: [N, T]."""
-    logits = unfused_logits(model, prompts, completions)
-    targets = engine.pack(prompts, completions, pad_id=0, device="cpu")["completion_ids"]
-    return (logits.float() / temperature).log_softmax(-1).gather(-1, targets[..., None])[..., 0]
-
-
 def gradients(model, loss):
     model.zero_grad()
     loss.backward()
@@ -95,19 +79,20 @@ def test_sft_and_grpo_losses_equal_the_unfused_ones(kind, lora):
     def fused(temperature):
         return engine.token_logprobs(model, batch, temperature, chunk_size=3)  # chunks cut rows
 
-    def unfused(temperature):
-        return unfused_logprobs(model, prompts, completions, temperature) * completion_mask
+    def unfused(temperature):  # the textbook computation, from the model's full logits
+        return common.textbook_logprobs(model, prompts, completions, temperature)
 
     assert_same(model, lambda: sft.sft_loss(fused(1.0), completion_mask, num_targets),
                 lambda: sft.sft_loss(unfused(1.0), completion_mask, num_targets))
     old_logp = unfused(temperature).detach() + 0.1 * torch.randn(completion_mask.shape)  # rho != 1
     advantages = torch.tensor([1.0, -0.5])
     for loss_type in ["grpo", "dapo"]:
+        normaliser = grpo.loss_normaliser(loss_type, 2, num_targets, 8)
         assert_same(model,
                     lambda: grpo.policy_loss(fused(temperature), old_logp, advantages,
-                                             completion_mask, loss_type=loss_type),
+                                             completion_mask, normaliser, loss_type=loss_type),
                     lambda: grpo.policy_loss(unfused(temperature), old_logp, advantages,
-                                             completion_mask, loss_type=loss_type))
+                                             completion_mask, normaliser, loss_type=loss_type))
 
 
 @pytest.mark.parametrize("kind,lora", MODELS)
@@ -121,22 +106,22 @@ def test_opsd_divergence_equals_the_unfused_one(kind, lora, beta, clip):
     teacher_prompts = [prompt[::-1] + [7] for prompt in prompts]  # another prompt, same completions
     teacher_batch = engine.pack(teacher_prompts, completions, pad_id=0, device="cpu")
     completion_mask = student_batch["completion_mask"]
-    temperature = 1.1
+    temperature, normaliser = 1.1, 7.0  # the step's weight: more than this micro-batch's
 
     def fused():
         with torch.no_grad(), teacher_context(teacher):
             teacher_hidden = engine.completion_hidden(teacher, teacher_batch)
         return opsd.divergence(model, engine.completion_hidden(model, student_batch),
                                opsd.Teacher(teacher, teacher_context),
-                               teacher_hidden, completion_mask, beta, temperature, clip,
-                               chunk_size=2)[0]
+                               teacher_hidden, completion_mask, normaliser, beta, temperature,
+                               clip, chunk_size=2)[0]
 
-    def unfused():
+    def unfused():  # the textbook computation, from both models' full logits
         with torch.no_grad(), teacher_context(teacher):
-            teacher_logits = unfused_logits(teacher, teacher_prompts, completions)
-        per_position = opsd.pointwise_divergence(unfused_logits(model, prompts, completions),
-                                                 teacher_logits, beta, temperature, clip)[0]
-        return (per_position * completion_mask).sum() / completion_mask.sum()
+            teacher_logits = common.textbook_logits(teacher, teacher_prompts, completions)
+        return opsd.textbook_divergence(common.textbook_logits(model, prompts, completions),
+                                        teacher_logits, completion_mask, normaliser, beta,
+                                        temperature, clip)
 
     assert_same(model, fused, unfused)
 
@@ -153,11 +138,12 @@ def test_opsd_sampled_token_loss_equals_the_unfused_one(kind, lora):
         hidden = engine.completion_hidden(model, batch)[mask]
         return opsd.sampled_token_loss(
             engine.target_logprobs(model, hidden, targets, 1.1, chunk_size=2), teacher_logprobs,
-            torch.ones(len(targets)))
+            torch.ones(len(targets)), 7.0)
 
     def unfused():
-        return opsd.sampled_token_loss(unfused_logprobs(model, prompts, completions, 1.1)[mask],
-                                       teacher_logprobs, torch.ones(len(targets)))
+        return opsd.sampled_token_loss(
+            common.textbook_logprobs(model, prompts, completions, 1.1)[mask], teacher_logprobs,
+            torch.ones(len(targets)), 7.0)
 
     assert_same(model, fused, unfused)
 

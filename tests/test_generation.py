@@ -16,8 +16,8 @@ def test_batched_greedy_equals_one_prompt_at_a_time(toy):
     for i, prompt in enumerate(prompts):
         alone = engine.generate(model, tokenizer, [prompt], max_new_tokens=40)
         assert alone["texts"][0] == batched["texts"][i]
-        n = int(alone["completion_mask"].sum())
-        assert torch.equal(alone["completion_ids"][0, :n], batched["completion_ids"][i, :n])
+        assert alone["completions"][0] == batched["completions"][i]
+        assert alone["prompts"][0] == batched["prompts"][i]  # without its padding
 
 
 def test_completion_mask_ends_at_the_first_eos_inclusive(toy):
@@ -27,16 +27,17 @@ def test_completion_mask_ends_at_the_first_eos_inclusive(toy):
     torch.manual_seed(0)
     out = engine.generate(model, tokenizer, prompts, max_new_tokens=64, temperature=1.0,
                           top_p=0.95, top_k=20, num_samples=2)
-    ids, mask = out["completion_ids"], out["completion_mask"]
-    assert ids.shape[0] == 16 and out["prompt_ids"].shape[0] == 16
-    assert torch.equal(out["prompt_ids"][0], out["prompt_ids"][1])  # samples of a prompt adjacent
-    assert out["num_generated_tokens"] == int(mask.sum())
-    for row in range(16):
-        n = int(mask[row].sum())
-        assert mask[row, :n].all() and not mask[row, n:].any()  # one contiguous run from the start
-        eos_positions = (ids[row, :n] == tokenizer.eos_token_id).nonzero().flatten().tolist()
-        assert eos_positions in ([n - 1], [])  # EOS is the last masked token, or none was made
-        assert (ids[row, n:] == tokenizer.pad_token_id).all()
+    completions = out["completions"]
+    assert len(completions) == 16 and len(out["prompts"]) == 16 and len(out["logprobs"]) == 16
+    assert out["prompts"][0] == out["prompts"][1]  # samples of a prompt adjacent
+    assert out["prompts"][0] == tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
+    assert out["num_generated_tokens"] == sum(map(len, completions))
+    assert any(len(ids) < 64 for ids in completions)  # some ended before the limit
+    for ids, logprobs, finished in zip(completions, out["logprobs"], out["finished"]):
+        eos_positions = [t for t, token in enumerate(ids) if token == tokenizer.eos_token_id]
+        assert eos_positions == ([len(ids) - 1] if finished else [])  # EOS ends it, or none came
+        assert finished or len(ids) == 64  # a completion without EOS was cut at the limit
+        assert logprobs.shape == (len(ids),) and (logprobs <= 0).all()
 
 
 def test_pack_shares_prompts_and_trains_eos_even_when_pad_equals_eos():
@@ -190,8 +191,8 @@ def test_greedy_equals_transformers_generate_token_for_token(toy):
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     theirs = theirs[:, encoded["input_ids"].shape[1]:]
     for row in range(len(prompts)):
-        n = int(ours["completion_mask"][row].sum())
-        assert ours["completion_ids"][row, :n].tolist() == theirs[row, :n].tolist()
+        n = len(ours["completions"][row])
+        assert ours["completions"][row] == theirs[row, :n].tolist()
         assert ours["finished"][row] == (theirs[row, n - 1] == tokenizer.eos_token_id)
     # Two samples per prompt share its prefilled cache: greedy, both are the one completion.
     twice = engine.generate(model, tokenizer, prompts, max_new_tokens=48, num_samples=2)
@@ -212,7 +213,7 @@ def test_sampling_has_no_hidden_top_k(toy_model):
     torch.manual_seed(0)
     out = engine.generate(model, tokenizer, toy_prompts(tokenizer, 1), max_new_tokens=1,
                           temperature=1.0, top_k=0, num_samples=4000)
-    first = out["completion_ids"][:, 0]
+    first = torch.tensor([ids[0] for ids in out["completions"]])
     assert len(set(first.tolist())) == vocabulary  # every token drawn, none cut off
     frequencies = torch.bincount(first, minlength=vocabulary).float() / len(first)
     assert (frequencies - model.lm_head.bias.softmax(0).float()).abs().max() < 0.01
@@ -278,10 +279,10 @@ def test_generation_stops_at_any_end_token_of_the_generation_config(toy_model):
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, equals]
     cut = engine.generate(model, tokenizer, prompts, max_new_tokens=48)
     for row in range(len(prompts)):
-        n = int(cut["completion_mask"][row].sum())
-        first_equals = plain["completion_ids"][row].tolist().index(equals)
+        n = len(cut["completions"][row])
+        first_equals = plain["completions"][row].index(equals)
         assert n == first_equals + 1 and cut["finished"][row]
-        assert cut["completion_ids"][row, :n].tolist() == plain["completion_ids"][row, :n].tolist()
+        assert cut["completions"][row] == plain["completions"][row][:n]
         assert cut["texts"][row] == plain["texts"][row][:plain["texts"][row].index("=") + 1]
 
 

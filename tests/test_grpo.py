@@ -90,7 +90,8 @@ def test_a_grpo_step_of_the_adaptive_mix_is_a_plain_grpo_step(tmp_path):
     # Without a warm-up the first step measures the SFT gradient (P = 1/2) and its seeded draw,
     # 0.80, picks GRPO: the measured gradient must not leak into the update, nor the SFT pass
     # change the rollouts.
-    quick = ["--steps", "1", "--batch-size", "4", "--eval-n", "0", "--max-new-tokens", "32"]
+    quick = ["--steps", "1", "--batch-size", "8", "--num-generations", "2", "--eval-n", "0",
+             "--max-new-tokens", "32"]  # groups of 2: some with equal rewards
     grpo.main(quick + ["--out", str(tmp_path / "plain")])
     grpo.main(quick + ["--sft-mix", "adaptive", "--out", str(tmp_path / "mix")])
     plain, mix = (json.loads((tmp_path / name / "metrics.jsonl").read_text())
@@ -139,7 +140,9 @@ def test_policy_loss_matches_the_formula(loss_type, beta):
     ref_logp = logp + torch.randn(N, T) * 0.3
     advantages = torch.tensor([1.0, -1.0, 0.5, -2.0])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
-    got = grpo.policy_loss(logp, old_logp, advantages, mask, ref_logp, beta, 0.2, 0.28, loss_type, 8)
+    normaliser = grpo.loss_normaliser(loss_type, N, int(mask.sum()), 8)
+    got = grpo.policy_loss(logp, old_logp, advantages, mask, normaliser, ref_logp, beta, 0.2, 0.28,
+                           loss_type)
     expected = slow_policy_loss(logp, old_logp, advantages, mask, ref_logp, beta, 0.2, 0.28,
                                 loss_type, 8)
     assert got.item() == pytest.approx(float(expected), rel=1e-5)
@@ -153,7 +156,7 @@ def test_on_policy_gradient_is_reinforce_with_group_baseline():
     mask[:, 0] = 1
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
     advantages = grpo.group_advantages(rewards, G)
-    loss = grpo.policy_loss(logp, logp.detach(), advantages, mask)
+    loss = grpo.policy_loss(logp, logp.detach(), advantages, mask, normaliser=N)
     assert abs(loss.item()) < 1e-6  # the value is ~0 ...
     (gradient,) = torch.autograd.grad(loss, logp)
     reinforce = -(advantages[:, None] * logp * mask / mask.sum(1, keepdim=True)).sum() / N
@@ -165,9 +168,9 @@ def test_masked_positions_change_nothing():
     torch.manual_seed(2)
     logp, old_logp = -torch.rand(2, 4), -torch.rand(2, 4)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
-    a = grpo.policy_loss(logp, old_logp, torch.tensor([1.0, -1.0]), mask, loss_type="dapo")
+    a = grpo.policy_loss(logp, old_logp, torch.tensor([1.0, -1.0]), mask, 5, loss_type="dapo")
     logp[0, 3], old_logp[1, 3] = -50.0, 3.0
-    b = grpo.policy_loss(logp, old_logp, torch.tensor([1.0, -1.0]), mask, loss_type="dapo")
+    b = grpo.policy_loss(logp, old_logp, torch.tensor([1.0, -1.0]), mask, 5, loss_type="dapo")
     assert a == b
 
 
@@ -282,3 +285,32 @@ def test_the_log_shows_the_gap_between_sampler_and_trainer_logprobs(tmp_path):
                "--out", str(tmp_path)])
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert 0 <= row["logprob_gap_mean"] <= row["logprob_gap_max"] < 1e-4
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_micro_batches_add_up_to_the_steps_loss_and_gradient(tmp_path, loss_type):
+    """Every micro-batch's loss is divided by the whole step's normaliser (`loss_normaliser`), so
+    a step cut into micro-batches of 5 rows has the loss and gradient of the step in one batch."""
+    quick = ["--steps", "1", "--batch-size", "4", "--eval-n", "0", "--max-new-tokens", "32",
+             "--loss-type", loss_type, "--num-iterations", "2"]  # mu 2: a loss far from 0
+    rows = {}
+    for size in ("32", "5"):
+        grpo.main(quick + ["--micro-batch-size", size, "--out", str(tmp_path / size)])
+        rows[size] = json.loads((tmp_path / size / "metrics.jsonl").read_text())
+    assert rows["32"]["grad_norm"] > 0 and rows["32"]["reward"] == rows["5"]["reward"]
+    assert rows["5"]["grad_norm"] == pytest.approx(rows["32"]["grad_norm"], rel=1e-4)
+    assert rows["5"]["loss"] == pytest.approx(rows["32"]["loss"], rel=1e-4, abs=1e-7)
+
+
+def test_skip_zero_std_takes_the_mean_over_the_groups_with_a_spread(tmp_path):
+    """Rows of a group with equal rewards have no gradient; --skip-zero-std leaves them out of the
+    mean too, so the same gradient is divided by fewer completions (loss type grpo)."""
+    quick = ["--steps", "1", "--batch-size", "8", "--num-generations", "2", "--eval-n", "0",
+             "--max-new-tokens", "32"]  # groups of 2: some with equal rewards
+    grpo.main(quick + ["--out", str(tmp_path / "plain")])
+    grpo.main(quick + ["--skip-zero-std", "--out", str(tmp_path / "skip")])
+    plain, skip = (json.loads((tmp_path / name / "metrics.jsonl").read_text())
+                   for name in ("plain", "skip"))
+    assert 0 < plain["zero_std_fraction"] < 1 and plain["reward"] == skip["reward"]
+    assert skip["grad_norm"] == pytest.approx(plain["grad_norm"] / (1 - plain["zero_std_fraction"]),
+                                              rel=1e-4)

@@ -50,9 +50,10 @@ class LogitsModel:
 
 
 def logit_divergence(student_logits, teacher_logits, mask, *args, **kwargs):
-    """opsd.divergence's loss given logits rather than hidden states: identity output layers."""
-    return opsd.divergence(LogitsModel, student_logits, opsd.Teacher(LogitsModel), teacher_logits, mask,
-                           *args, **kwargs)[0]
+    """opsd.divergence's loss given logits rather than hidden states: identity output layers; the
+    step is this one batch (its normaliser: the sum of the weights)."""
+    return opsd.divergence(LogitsModel, student_logits, opsd.Teacher(LogitsModel), teacher_logits,
+                           mask, mask.sum(), *args, **kwargs)[0]
 
 
 def random_logits(N=3, T=5, V=7, seed=0):
@@ -132,7 +133,7 @@ def test_sampled_token_loss_matches_the_formula():
     teacher_logprobs = -torch.rand(2, 4) * 3
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     loss = opsd.sampled_token_loss(student_logprobs[mask.bool()], teacher_logprobs[mask.bool()],
-                                   torch.ones(5))
+                                   torch.ones(5), 5)
     loss.backward()
     advantages = teacher_logprobs - student_logprobs.detach()
     assert loss.item() == pytest.approx((-(advantages * student_logprobs.detach())[mask.bool()]).mean().item())
@@ -244,8 +245,8 @@ def test_per_token_cap_caps_each_sum_and_passes_no_gradient_above_it():
 def test_monitored_uncapped_divergence_and_capped_mass(clip_per):
     student, teacher, mask = random_logits()
     clip = 0.05 if clip_per == "entry" else 1.5
-    _, monitored, _ = opsd.divergence(LogitsModel, student, opsd.Teacher(LogitsModel), teacher, mask, 0.0, 1.0, clip,
-                                   clip_per=clip_per)
+    _, monitored, _ = opsd.divergence(LogitsModel, student, opsd.Teacher(LogitsModel), teacher,
+                                      mask, mask.sum(), 0.0, 1.0, clip, clip_per=clip_per)
     uncapped, masses = [], []
     for i, t in [(i, t) for i in range(3) for t in range(5) if mask[i, t]]:
         terms, p_teacher = slow_terms(student[i, t], teacher[i, t], 1.0)
@@ -335,7 +336,7 @@ def test_paced_trains_the_rows_of_problems_at_the_frontier_and_the_schedule_swit
         return real_hidden(model, batch)
 
     def record_beta(*args):
-        betas.append(args[5])  # divergence(student, hidden, teacher, hidden, weights, beta, ...)
+        betas.append(args[6])  # divergence(..., weights, normaliser, beta, ...)
         return real_divergence(*args)
     monkeypatch.setattr(opsd, "paced_weights", record_weights)
     monkeypatch.setattr(engine, "completion_hidden", record_rows)
@@ -399,19 +400,18 @@ def test_training_step_sees_the_same_completion_and_keeps_the_fixed_teacher(tmp_
 
 def heldout_divergence(student, teacher, tokenizer, examples, rollouts):
     """Mean forward KL(teacher || student) on fixed rollouts, computed as opsd.main does."""
-    teacher_texts = [common.chat_prompt(tokenizer, opsd.teacher_prompt(e["question"], e["solution"]))
+    teacher_texts = [common.chat_prompt(tokenizer, common.solution_prompt(e["question"], e["solution"]))
                      for e in examples]
     teacher_prompts = tokenizer(teacher_texts, add_special_tokens=False)["input_ids"]
-    completions = engine.unpadded(rollouts["completion_ids"], rollouts["completion_mask"])
-    pad = tokenizer.pad_token_id
+    completions, pad = rollouts["completions"], tokenizer.pad_token_id
     with torch.no_grad():
         teacher_hidden = engine.completion_hidden(teacher, engine.pack(teacher_prompts, completions,
                                                                        pad, "cpu"))
-        student_prompts = engine.unpadded(rollouts["prompt_ids"], rollouts["prompt_mask"])
-        student_hidden = engine.completion_hidden(student, engine.pack(student_prompts, completions,
-                                                                       pad, "cpu"))
+        student_batch = engine.pack(rollouts["prompts"], completions, pad, "cpu")
+        student_hidden = engine.completion_hidden(student, student_batch)
+        mask = student_batch["completion_mask"]
         return opsd.divergence(student, student_hidden, opsd.Teacher(teacher), teacher_hidden,
-                               rollouts["completion_mask"], temperature=0.7)[0].item()
+                               mask, mask.sum(), temperature=0.7)[0].item()
 
 
 def test_short_toy_run_lowers_the_divergence_on_held_out_rollouts(tmp_path, toy):
@@ -507,3 +507,21 @@ def test_the_log_shows_the_gap_between_sampler_and_trainer_logprobs(loss, tmp_pa
                "--out", str(tmp_path)])
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert 0 <= row["logprob_gap_mean"] <= row["logprob_gap_max"] < 1e-4
+
+
+@pytest.mark.parametrize("loss_norm,loss", [("token", "full"), ("sequence", "full"),
+                                            ("token", "sampled")])
+def test_micro_batches_add_up_to_the_steps_loss_and_gradient(tmp_path, loss_norm, loss):
+    """Every micro-batch's loss is divided by the whole step's weight (`loss_normaliser`), so a
+    step cut into micro-batches of 3 rows has the loss and gradient of the step in one batch."""
+    quick = ["--steps", "1", "--batch-size", "8", "--eval-n", "0", "--max-new-tokens", "32",
+             "--loss-norm", loss_norm, "--loss", loss]
+    rows = {}
+    for size in ("8", "3"):
+        opsd.main(quick + ["--micro-batch-size", size, "--out", str(tmp_path / size)])
+        rows[size] = json.loads((tmp_path / size / "metrics.jsonl").read_text())
+    assert rows["8"]["grad_norm"] > 0
+    assert rows["8"]["generated_tokens"] == rows["3"]["generated_tokens"]  # the same rollouts
+    for key in ("grad_norm", "loss", "uncapped_divergence"):
+        if key in rows["8"]:
+            assert rows["3"][key] == pytest.approx(rows["8"][key], rel=1e-4), key

@@ -53,10 +53,10 @@ def test_greedy_generation_matches_transformers_and_stops_at_the_end_token(smoll
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     theirs = theirs[:, encoded["input_ids"].shape[1]:]
     for row in range(len(prompts)):
-        n = int(ours["completion_mask"][row].sum())
+        n = len(ours["completions"][row])
         assert ours["finished"][row]  # short answers: both end within 24 tokens
-        assert ours["completion_ids"][row, :n].tolist() == theirs[row, :n].tolist()
-        assert ours["completion_ids"][row, n - 1] == tokenizer.eos_token_id  # mask ends at EOS
+        assert ours["completions"][row] == theirs[row, :n].tolist()
+        assert ours["completions"][row][-1] == tokenizer.eos_token_id  # it ends at EOS
         assert "<|im_end|>" not in ours["texts"][row] and "<|im_start|>" not in ours["texts"][row]
 
 

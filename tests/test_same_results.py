@@ -31,3 +31,16 @@ def test_runs_differ_in_any_metric_or_result_but_time(tmp_path):
     assert same_results.differences(tmp_path / "a", tmp_path / "d")[0] == ["summary.json: after differs"]
     assert same_results.main(["--runs", str(tmp_path / "a"), str(tmp_path / "d")]) == 1
     assert same_results.main(["--runs", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+
+
+def test_close_fields_may_differ_by_rounding_only(tmp_path):
+    rows = [{"step": 1, "loss": 0.5, "reward": 0.25}]
+    summary = {"final_loss": 0.5, "steps": 1}
+    write_run(tmp_path / "a", rows, summary)
+    write_run(tmp_path / "b", [{**rows[0], "loss": 0.50000001}], {**summary, "final_loss": 0.50000001})
+    failures, notes = same_results.differences(tmp_path / "a", tmp_path / "b", close={"loss"})
+    assert failures == [] and notes == ["loss moved by at most 2.0e-08 relative (--close)"]
+    assert len(same_results.differences(tmp_path / "a", tmp_path / "b")[0]) == 2  # not named: fails
+    write_run(tmp_path / "c", [{**rows[0], "loss": 0.5001, "reward": 0.2500001}], summary)
+    failures, _ = same_results.differences(tmp_path / "a", tmp_path / "c", close={"loss"})
+    assert failures == ["step 1: loss 0.5 against 0.5001", "step 1: reward 0.25 against 0.2500001"]

@@ -123,21 +123,12 @@ def test_full_fine_tuning_saves_a_loadable_model(tmp_path):
 
 def fake_rollouts(tokenizer, prompts, texts, finished):
     """What common.sample_rollouts returns, for given completion texts (EOS where finished)."""
-    prompt = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
-                       add_special_tokens=False)
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     completions = [tokenizer(text, add_special_tokens=False)["input_ids"]
                    + ([tokenizer.eos_token_id] if done else []) for text, done in zip(texts, finished)]
-    width = max(map(len, completions))
-    completion_ids = torch.full((len(texts), width), tokenizer.pad_token_id)
-    completion_mask = torch.zeros(len(texts), width, dtype=torch.long)
-    for row, ids in enumerate(completions):
-        completion_ids[row, :len(ids)] = torch.tensor(ids)
-        completion_mask[row, :len(ids)] = 1
     repeat = len(texts) // len(prompts)
-    return {"prompt_ids": prompt["input_ids"].repeat_interleave(repeat, 0),
-            "prompt_mask": prompt["attention_mask"].repeat_interleave(repeat, 0),
-            "completion_ids": completion_ids, "completion_mask": completion_mask,
-            "finished": torch.tensor(finished), "texts": texts}
+    return {"prompts": [prompt_ids[i // repeat] for i in range(len(texts))],
+            "completions": completions, "finished": finished, "texts": texts}
 
 
 def test_rejection_sampling_keeps_correct_finished_distinct_samples(toy, monkeypatch):
@@ -203,8 +194,7 @@ def test_the_open_book_mixture_is_toy_only(tmp_path, monkeypatch):
                  if mixed["question"] != original["question"]]
     assert 0.43 < len(open_book) / len(train) < 0.47
     for mixed, original in open_book[:200]:
-        assert common.student_message(mixed) == opsd.teacher_prompt(original["question"],
-                                                                    original["solution"])
+        assert common.student_message(mixed) == opsd.teacher_message("solution")(original)
 
 
 def test_orpo_loss_matches_the_formula_in_float64():

@@ -20,6 +20,7 @@ import json
 import random
 import shutil
 import string
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,9 +28,7 @@ import torch
 
 TOY = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOY.parent))
-import common  # noqa: E402
-import sft  # noqa: E402
-from opsd import teacher_prompt  # noqa: E402
+import common  # noqa: E402  (no method file: the scripts are run as a user runs them)
 
 NAMES = ["Tom", "Ana", "Ben", "Mia", "Sam", "Lea", "Max", "Zoe", "Leo", "Ivy"]
 ITEMS = ["apples", "pens", "cards", "books", "eggs", "coins", "shells", "stamps"]
@@ -43,8 +42,8 @@ PRETRAIN_DATA = BUILD_DIR / "pretrain.jsonl"
 # each chunk exactly), and stops at the first chunk whose model reaches the targets below: how fast a
 # model this small "gets" arithmetic varies a lot from run to run (15% to 65% closed-book after the
 # same 800 steps in trials), so a fixed step count would not reliably land in the target range.
-PRETRAIN_ARGS = ["--full", "--no-gradient-checkpointing", "--data", str(PRETRAIN_DATA), "--eval-data", "toy", "--batch-size", "48",
-                 "--micro-batch-size", "24", "--lr", "1e-3", "--schedule", "constant",
+PRETRAIN_ARGS = ["--full", "--no-gradient-checkpointing", "--data", str(PRETRAIN_DATA),
+                 "--eval-data", "toy", "--batch-size", "48", "--micro-batch-size", "24", "--lr", "1e-3", "--schedule", "constant",
                  "--warmup-steps", "50", "--max-new-tokens", "64", "--eval-batch-size", "500",
                  "--resume"]
 CHUNK, FIRST_STOP, MAX_STEPS = 50, 300, 2000
@@ -117,13 +116,13 @@ def make_random_model(tokenizer, folder):
 
 
 def open_book(example):
-    return teacher_prompt(example["question"], example["solution"])
+    return common.solution_prompt(example["question"], example["solution"])
 
 
 def write_pretraining_mixture():
     """The train split with OPEN_BOOK_FRACTION of its problems in the teacher's view: the question
     part of the record carries the reference solution, so that sft.py's student prompt of the
-    record is exactly OPSD's `teacher_prompt` (checked for every record).
+    record is exactly OPSD's teacher prompt, `common.solution_prompt` (checked for every record).
 
     The toy base in toy/model was built when this was an sft.py flag that drew the view of every
     prompt anew at each step, over all 20,000 problems. Here each problem has one view for the
@@ -143,7 +142,8 @@ def pretrain(init):
     """Full-parameter SFT from `init`, CHUNK steps at a time, until the targets are reached."""
     test = common.load_examples("toy", "test")
     for steps in range(FIRST_STOP, MAX_STEPS + 1, CHUNK):
-        sft.main(["--model", str(init), "--out", str(BUILD_DIR), "--steps", str(steps)] + PRETRAIN_ARGS)
+        subprocess.run([sys.executable, "sft.py", "--model", str(init), "--out", str(BUILD_DIR),
+                        "--steps", str(steps)] + PRETRAIN_ARGS, cwd=TOY.parent, check=True)
         closed_book = json.loads((BUILD_DIR / "summary.json").read_text())["after"]["accuracy"]
         if closed_book >= CLOSED_BOOK_TARGET:
             model, tokenizer = common.load_model(str(common.latest_checkpoint(BUILD_DIR)))

@@ -16,7 +16,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
-import opsd  # noqa: E402
 from lora import load_lora  # noqa: E402
 
 
@@ -37,7 +36,7 @@ def evaluate_model(args):
     result = common.evaluate(model, tokenizer, examples, args.max_new_tokens,
                              args.eval_batch_size, k=args.eval_k,
                              temperature=args.eval_temperature, seed=args.seed,
-                             message=(lambda e: opsd.teacher_prompt(e["question"], e["solution"]))
+                             message=(lambda e: common.solution_prompt(e["question"], e["solution"]))
                              if teacher_view else None)
     result.update(model=args.model, adapter=args.adapter, data=args.data, split=args.split,
                   view=args.view)
@@ -66,7 +65,7 @@ def main(argv=None):
         help="compute precision (auto: bfloat16 on CUDA, float32 on CPU)")
     add("--seed", type=int, default=0, help="the samples' random stream")
     add("--out", default=None, help="folder for eval.json; if none, the adapter's folder, else out")
-    args = common.parse_args(parser, argv, {})
+    args = common.parse_args(parser, argv, {}, {})
     args.split = "test" if args.data == "toy" else args.split
     evaluate_model(args)
 

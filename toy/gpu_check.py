@@ -231,19 +231,10 @@ def fused_against_plain(dtype):
     teacher_batch = engine.pack([p[::-1] for p in prompts], completions, tokenizer.pad_token_id,
                                 device)
     mask = batch["completion_mask"].bool()
-    targets = batch["completion_ids"]
+    teacher_prompts = [p[::-1] for p in prompts]
 
-    def plain_logits(prompt_rows):  # [N, T, V]: each row's whole forward pass, no cache, no padding
-        rows = []
-        for prompt, completion in zip(prompt_rows, completions):
-            row = torch.tensor([prompt + completion], device=device)
-            logits = model(input_ids=row).logits[0, len(prompt) - 1:-1]  # predict each completion token
-            rows.append(torch.nn.functional.pad(logits, (0, 0, 0, targets.shape[1] - len(completion))))
-        return torch.stack(rows)
-
-    def plain_logprobs():
-        return torch.log_softmax(plain_logits(prompts).float(), -1).gather(
-            -1, targets[..., None]).squeeze(-1) * mask
+    def plain_logprobs():  # each row's whole forward pass, no cache, no padding
+        return common.textbook_logprobs(model, prompts, completions)
 
     def fused_logprobs():
         return engine.token_logprobs(model, batch, chunk_size=3)
@@ -253,19 +244,21 @@ def fused_against_plain(dtype):
             teacher_hidden = engine.completion_hidden(model, teacher_batch)
         return opsd.divergence(model, engine.completion_hidden(model, batch),
                                opsd.Teacher(model, lora_disabled), teacher_hidden,
-                               batch["completion_mask"], 0.0, 1.1, 0.0, chunk_size=3)[0]
+                               batch["completion_mask"], mask.sum(), 0.0, 1.1, 0.0,
+                               chunk_size=3)[0]
 
     def opsd_plain():
         with torch.no_grad(), lora_disabled(model):
-            teacher_logits = plain_logits([p[::-1] for p in prompts])
-        per_position = opsd.pointwise_divergence(plain_logits(prompts), teacher_logits, 0.0, 1.1,
-                                                 0.0)[0]
-        return (per_position * mask).sum() / mask.sum()
+            teacher_logits = common.textbook_logits(model, teacher_prompts, completions)
+        return opsd.textbook_divergence(common.textbook_logits(model, prompts, completions),
+                                        teacher_logits, batch["completion_mask"], mask.sum(),
+                                        0.0, 1.1, 0.0)
 
     advantages = torch.tensor([1.0, -0.5, 0.25, -1.0], device=device)
 
     def grpo_loss(logprobs):
-        return grpo.policy_loss(logprobs, logprobs.detach(), advantages, batch["completion_mask"])
+        return grpo.policy_loss(logprobs, logprobs.detach(), advantages, batch["completion_mask"],
+                                len(completions))
 
     def sft_loss(logprobs):
         return sft.sft_loss(logprobs, batch["completion_mask"], mask.sum())

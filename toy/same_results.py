@@ -3,6 +3,7 @@
     python toy/same_results.py 55ee0c1                 # the three toy defaults, at that commit and here
     python toy/same_results.py 55ee0c1 --scripts opsd  # only some of them
     python toy/same_results.py --runs out/a out/b      # two finished run folders
+    python toy/same_results.py 323ff77 --close loss    # the loss equal to float32 rounding
 
 With a commit, it runs `python sft.py`, `python grpo.py` and `python opsd.py` (their toy defaults,
 seed 0) in a git worktree of that commit and in this working tree, one after another, into
@@ -10,11 +11,15 @@ out/same_results/<reference|working>/<script>, then compares each pair. Two runs
 every row of metrics.jsonl is equal field for field except the time fields (TIME_FIELDS), and
 summary.json's results are equal (SUMMARY_FIELDS: accuracies and each held-out problem's result,
 steps, final loss, token counts). Floats must be equal, not close: a refactor that keeps the
-arithmetic keeps every bit. A field only one side has (a new metric) is listed, not failed. It
-prints each difference and exits with 1 if there is one.
+arithmetic keeps every bit. The exception, named on the command line: `--close FIELD...` compares
+those fields (and with `loss`, summary.json's final_loss) to a relative CLOSE_TOLERANCE, for a change
+that rounds a logged value differently (a loss divided by the step's count instead of averaged
+and reweighted), and lists how far they moved. A field only one side has (a new metric) is listed,
+not failed. It prints each difference and exits with 1 if there is one.
 """
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -25,11 +30,20 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = ("sft", "grpo", "opsd")
 TIME_FIELDS = {"tokens_per_second", "train_seconds"}
 SUMMARY_FIELDS = ("before", "after", "steps", "final_loss", "train_tokens", "generated_tokens")
+CLOSE_TOLERANCE = 1e-6  # relative: float32 rounds at about 6e-8
 
 
-def differences(reference, working):
-    """The differences between two finished run folders: (list of failures, list of notes)."""
-    failures, notes = [], []
+def equal(first, second, close):
+    """first == second, or within CLOSE_TOLERANCE of each other when `close` and both are numbers."""
+    if close and isinstance(first, float) and isinstance(second, float):
+        return math.isclose(first, second, rel_tol=CLOSE_TOLERANCE, abs_tol=1e-30)
+    return first == second
+
+
+def differences(reference, working, close=()):
+    """The differences between two finished run folders: (list of failures, list of notes);
+    the fields in `close` are compared to CLOSE_TOLERANCE."""
+    failures, notes, moved = [], [], {}
     rows = [[json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()
              if line.strip()] for folder in (reference, working)]
     if len(rows[0]) != len(rows[1]):
@@ -39,13 +53,19 @@ def differences(reference, working):
             if key not in first or key not in second:
                 notes.append(f"step {first['step']}: {key} only in the "
                              f"{'working' if key in second else 'reference'} run")
-            elif first[key] != second[key]:
+            elif not equal(first[key], second[key], key in close):
                 failures.append(f"step {first['step']}: {key} {first[key]!r} against {second[key]!r}")
+            elif first[key] != second[key]:  # close, not equal
+                change = abs(first[key] - second[key]) / max(abs(first[key]), 1e-30)
+                moved[key] = max(moved.get(key, 0.0), change)
     summaries = [json.loads((Path(folder) / "summary.json").read_text())
                  for folder in (reference, working)]
     for key in SUMMARY_FIELDS:
-        if summaries[0].get(key) != summaries[1].get(key):
+        if not equal(summaries[0].get(key), summaries[1].get(key),
+                     key == "final_loss" and "loss" in close):
             failures.append(f"summary.json: {key} differs")
+    notes += [f"{key} moved by at most {change:.1e} relative (--close)"
+              for key, change in moved.items()]
     return failures, sorted(set(notes))
 
 
@@ -66,6 +86,8 @@ def main(argv=None):
     parser.add_argument("--runs", nargs=2, metavar=("REFERENCE", "WORKING"),
                         help="compare two finished run folders instead of running anything")
     parser.add_argument("--out", default=str(REPO / "out" / "same_results"))
+    parser.add_argument("--close", nargs="+", default=[], metavar="FIELD",
+                        help=f"fields compared to {CLOSE_TOLERANCE} relative, not bit for bit")
     args = parser.parse_args(argv)
     if args.runs:
         pairs = [tuple(args.runs)]
@@ -88,7 +110,7 @@ def main(argv=None):
         parser.error("give a reference commit, or --runs REFERENCE WORKING")
     failed = False
     for reference, working in pairs:
-        failures, notes = differences(reference, working)
+        failures, notes = differences(reference, working, set(args.close))
         print(f"{working} against {reference}: "
               f"{'the same' if not failures else f'{len(failures)} differences'}")
         for line in failures[:20] + [f"note: {note}" for note in notes]:
