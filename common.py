@@ -715,7 +715,8 @@ def format_seconds(seconds):
 
 
 def pass_at_k(n, c, k):
-    """Unbiased pass@k of n samples, c correct: 1 - prod_{i=n-c+1}^{n} (1 - k / i)."""
+    """Unbiased pass@k of n samples, c correct (Chen et al. 2021, arXiv 2107.03374):
+    1 - C(n - c, k) / C(n, k) = 1 - prod_{i=n-c+1}^{n} (1 - k / i), without the binomials."""
     if n - c < k:
         return 1.0  # every choice of k contains a correct sample
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
@@ -727,7 +728,9 @@ def majority_vote(answers):  # the most frequent but None, the first seen of equ
 
 
 def sample_metrics(sampled_answers, references):
-    """mean@k, pass@j, maj@k, more_than_half@k, format@k of k answers a problem (docs/common.md)."""
+    """Metrics of k answers a problem: mean@k (the OPSD paper's Avg@k, = pass@1), pass@j (j = 1, 2,
+    4, ..., k), maj@k (the voted answer is right), more_than_half@k (a stricter "majority"),
+    format@k (a readable answer); docs/common.md."""
     k = len(sampled_answers[0])
     pairs = list(zip(sampled_answers, references))
     correct = [sum(answer == reference for answer in answers) for answers, reference in pairs]

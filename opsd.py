@@ -69,7 +69,7 @@ def pointwise_divergence(student_logits, teacher_logits, beta, temperature, clip
     if clip_per == "token":  # their help text's cap: a capped token passes no gradient at all
         capped = uncapped.detach() > clip
         return uncapped.clamp(max=clip), uncapped.detach(), capped.float()
-    capped = terms.detach() > clip  # a capped entry passes no gradient (see `divergence`)
+    capped = terms.detach() > clip  # a capped entry passes no gradient (docs/opsd.md)
     return (terms.clamp(max=clip).sum(-1), uncapped.detach(),
             (log_p_teacher.detach().exp() * capped).sum(-1))
 
@@ -166,8 +166,9 @@ def make_teacher(args, run):
     if args.teacher == "current":
         return Teacher(run.model)
     if args.teacher == "ema":
-        return Teacher(run.model, lambda model: ema_weights(model, run.method_tensors),
-                       run.method_tensors, args.ema_decay)
+        averages = run.method_tensors  # one dict: the weights swapped in, and the ones updated
+        return Teacher(run.model, lambda model: ema_weights(model, averages), averages,
+                       args.ema_decay)
     if not args.full:
         return Teacher(run.model, lora_disabled)
     return Teacher(common.load_model(args.model, args.dtype)[0].requires_grad_(False))
@@ -213,7 +214,7 @@ def main(argv=None):
                 common.add_logprob_gap(gap, rollouts, indices, student_logprobs)
         grad_norm = common.optimizer_step(run)
         teacher.update(model)  # --teacher ema: its average moves towards the student
-        common.end_step(run, {**step_metrics(args, rollouts, totals, gap, sampled_by), **metrics,
+        common.end_step(run, {**step_metrics(args, rollouts, totals, gap, sampled_by, metrics),
                               "grad_norm": grad_norm}, totals["tokens"])
     common.finish_run(run)
 
@@ -270,9 +271,10 @@ def add_to_totals(totals, loss, monitored, student_batch, teacher_batch):
     totals["tokens"] += common.batch_tokens(student_batch) + common.batch_tokens(teacher_batch)
 
 
-def step_metrics(args, rollouts, totals, gap, sampled_by):
-    """The step's log: loss, uncapped divergence, capped mass, sampler/trainer gap, length."""
-    metrics = {"loss": common.global_sum(totals["loss"])}
+def step_metrics(args, rollouts, totals, gap, sampled_by, variants):
+    """The step's log: loss, the variants' numbers, uncapped divergence, capped mass, the
+    sampler/trainer gap, length."""
+    metrics = {"loss": common.global_sum(totals["loss"]), **variants}
     if args.loss == "full":
         uncapped, capped_mass = (common.global_sum(float(value)) for value in totals["monitored"])
         metrics.update(uncapped_divergence=uncapped, capped_mass=capped_mass)
@@ -316,7 +318,8 @@ def paced_weights(correct, group_size, alpha=1.0, beta=1.0):
 
 
 def divergence_beta(args, step):
-    """beta at a step: --jsd-beta, or PACED's forward KL (0) for half the steps, then reverse."""
+    """beta at a step: --jsd-beta, or PACED's (arXiv 2603.11178) forward KL (0) for half the steps,
+    then the reverse KL (1)."""
     if args.forward_then_reverse:
         return 1.0 if step >= args.steps // 2 else 0.0
     return args.jsd_beta

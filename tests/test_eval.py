@@ -269,3 +269,12 @@ def test_sampled_evaluation_does_not_change_the_training_run(tmp_path):
         for key in ["reward", "loss", "grad_norm", "generated_tokens"]:
             assert plain[key] == evaluated[key], key
     assert summary["before"]["k"] == 4 and "mean@4" in summary["after"]
+
+
+def test_the_eval_command_takes_the_scripts_toy_settings(monkeypatch):
+    seen = []
+    monkeypatch.setattr(evaluate, "evaluate_model", seen.append)
+    evaluate.main([])  # the toy: short answers, the scripts' evaluation batch and temperature
+    evaluate.main(["--model", "some/model"])  # a real model: the flags' defaults
+    assert [(args.max_new_tokens, args.eval_batch_size, args.eval_temperature) for args in seen] \
+        == [(64, 256, 0.7), (1024, 64, 1.0)]

@@ -19,6 +19,10 @@ import common  # noqa: E402
 from lora import load_lora  # noqa: E402
 
 
+# The training scripts' toy settings of these flags (sft.py's, grpo.py's and opsd.py's TOY_SETTINGS).
+TOY_SETTINGS = {"max_new_tokens": 64, "eval_batch_size": 256, "eval_temperature": 0.7}
+
+
 def evaluate_model(args):
     """Evaluate a model (+ adapter) on held-out problems; print the metrics and write them as JSON.
     Under torchrun the problems are shared out among the processes."""
@@ -65,7 +69,7 @@ def main(argv=None):
         help="compute precision (auto: bfloat16 on CUDA, float32 on CPU)")
     add("--seed", type=int, default=0, help="the samples' random stream")
     add("--out", default=None, help="folder for eval.json; if none, the adapter's folder, else out")
-    args = common.parse_args(parser, argv, {}, {})
+    args = common.parse_args(parser, argv, {}, TOY_SETTINGS)
     args.split = "test" if args.data == "toy" else args.split
     evaluate_model(args)
 
