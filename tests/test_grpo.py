@@ -314,3 +314,13 @@ def test_skip_zero_std_takes_the_mean_over_the_groups_with_a_spread(tmp_path):
     assert 0 < plain["zero_std_fraction"] < 1 and plain["reward"] == skip["reward"]
     assert skip["grad_norm"] == pytest.approx(plain["grad_norm"] / (1 - plain["zero_std_fraction"]),
                                               rel=1e-4)
+
+
+def test_the_second_of_mu_updates_compares_with_the_policy_that_sampled(tmp_path):
+    """pi_old is recorded before the first update (`fixed_logprobs`): once that update has moved the
+    weights, the second one's ratios differ from 1 and some are clipped, and the loss, 0 on-policy
+    (each group's advantages sum to 0), is not 0. Were pi_old the policy itself, both stay 0."""
+    grpo.main(["--steps", "1", "--batch-size", "4", "--eval-n", "0", "--max-new-tokens", "32",
+               "--lr", "1e-2", "--num-iterations", "2", "--out", str(tmp_path)])
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert row["clip_fraction"] > 0.01 and abs(row["loss"]) > 1e-3

@@ -525,3 +525,18 @@ def test_micro_batches_add_up_to_the_steps_loss_and_gradient(tmp_path, loss_norm
     for key in ("grad_norm", "loss", "uncapped_divergence"):
         if key in rows["8"]:
             assert rows["3"][key] == pytest.approx(rows["8"][key], rel=1e-4), key
+
+
+def test_the_sampled_loss_is_another_loss_on_the_same_rollouts(tmp_path):
+    """--loss sampled trains on the sampled tokens' advantages, not the full divergence: the same
+    rollouts, another loss and gradient."""
+    quick = ["--steps", "1", "--batch-size", "8", "--eval-n", "0", "--max-new-tokens", "32"]
+    rows = {}
+    for loss in ("full", "sampled"):
+        opsd.main(quick + ["--loss", loss, "--out", str(tmp_path / loss)])
+        rows[loss] = json.loads((tmp_path / loss / "metrics.jsonl").read_text())
+    assert rows["full"]["generated_tokens"] == rows["sampled"]["generated_tokens"]
+    assert rows["full"]["loss"] == pytest.approx(rows["full"]["uncapped_divergence"])  # clip 0
+    assert rows["sampled"]["loss"] != pytest.approx(rows["full"]["loss"], rel=1e-3)
+    assert rows["sampled"]["grad_norm"] != pytest.approx(rows["full"]["grad_norm"], rel=1e-3)
+

@@ -226,6 +226,7 @@ def test_orpo_run_trains_on_pairs_of_a_correct_and_a_wrong_sample(tmp_path, monk
 
     def record(chosen_logprobs, *args):
         pair_batches.append(chosen_logprobs.shape[0])
+        assert args[-1] == 0.1  # the flag alone: lambda 0.1, passed to the loss
         return real_loss(chosen_logprobs, *args)
     monkeypatch.setattr(sft, "orpo_loss", record)
     out = tmp_path / "orpo"
