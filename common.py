@@ -33,11 +33,15 @@ def exit_with_error(message):  # what bad input gets, from argparse or from our 
     sys.exit(2)
 
 
-def run_cli(main):  # a script's main(), an InputError turned into one line and exit code 2
+def run_cli(main):  # a script's main(); bad input and Ctrl-C each end in one line, not a traceback
     try:
         main()
     except InputError as error:
         exit_with_error(error)
+    except KeyboardInterrupt:
+        print("\ninterrupted: --resume continues from the last checkpoint (--save-every N writes "
+              "them during a run)", file=sys.stderr)
+        sys.exit(130)  # the shell's code for Ctrl-C
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

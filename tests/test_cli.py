@@ -181,3 +181,14 @@ def test_help_shows_every_default_and_the_toy_setting(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "peak learning rate of AdamW (default: 2e-05; toy: 0.0005)" in text
     assert "completions per prompt (group size G) (default: 8)" in text
+
+
+def test_ctrl_c_ends_in_one_line_not_a_traceback(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as stopped:
+        common.run_cli(interrupted)
+    assert stopped.value.code == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["interrupted: --resume continues from the last checkpoint (--save-every N "
+                     "writes them during a run)"]
