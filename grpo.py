@@ -159,9 +159,9 @@ def main(argv=None):
         # 2. Rewards and group-relative advantages; the loss's normaliser counts the whole step.
         rewards, advantages = rewards_and_advantages(rollouts, examples, args)  # [N], [N]
         kept = kept_rows(args, rewards)  # every row, unless --skip-zero-std drops some
-        kept_tokens = sum(len(rollouts["completions"][i]) for i in kept)
-        normaliser = loss_normaliser(args.loss_type, common.global_sum(len(kept)),
-                                     common.global_sum(kept_tokens), args.max_new_tokens)
+        kept_tokens = common.global_sum(sum(len(rollouts["completions"][i]) for i in kept))
+        normaliser = loss_normaliser(args.loss_type, common.global_sum(len(kept)), kept_tokens,
+                                     args.max_new_tokens)
 
         # 3. The training batches: prompt + completion, each prompt run once for its rows.
         batches = common.training_batches(rollouts["prompts"], rollouts["completions"],
@@ -188,8 +188,9 @@ def main(argv=None):
             grad_norm = common.optimizer_step(run)
 
         train_tokens = sum(common.batch_tokens(batch) for _, batch in batches) * args.num_iterations
-        common.end_step(run, {**mixing, **step_metrics(args, rollouts, rewards, kept, totals, gap),
-                              "grad_norm": grad_norm}, train_tokens + sft_tokens)
+        metrics = step_metrics(args, rollouts, rewards, kept_tokens, totals, gap)
+        common.end_step(run, {**mixing, **metrics, "grad_norm": grad_norm},
+                        train_tokens + sft_tokens)
     common.finish_run(run)
 
 
@@ -250,13 +251,12 @@ def add_monitors(totals, loss, logp, old_logp, ref_logp, batch, args):
             totals["kl"] += float(k3_kl(logp, ref_logp)[mask].sum())
 
 
-def step_metrics(args, rollouts, rewards, kept, totals, gap):
+def step_metrics(args, rollouts, rewards, kept_tokens, totals, gap):
     """The step's log: the mean reward, the share of groups with no reward spread, the completion
     length, the clipped share of the kept tokens (and the KL to the reference), the gap, the
     loss."""
     group_size = args.num_generations
-    num_tokens = sum(len(rollouts["completions"][i]) for i in kept)
-    scored_tokens = max(1, common.global_sum(num_tokens) * args.num_iterations)
+    scored_tokens = max(1, kept_tokens * args.num_iterations)  # kept_tokens: of all ranks
     zero_std = rewards.view(-1, group_size).std(dim=1) == 0  # [prompts]
     return {"reward": common.global_mean(rewards.mean().item()),
             "zero_std_fraction": common.global_mean(zero_std.float().mean().item()),
