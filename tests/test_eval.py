@@ -146,11 +146,18 @@ def test_compare_prints_mean_and_spread_over_seeds(tmp_path, capsys):
     assert beta["greedy format (%)"] == "90.0" and alpha["greedy format (%)"] == "–"
     base = dict(zip(header, table["base (before)"]))
     assert base["runs"] == "3" and base["greedy accuracy (%)"] == "40.0 ± 0.0"
-    try:
-        import matplotlib  # noqa: F401  optional: the plot is made only when it is installed
-        assert plot.stat().st_size > 1000
-    except ImportError:
-        assert not plot.exists()
+    assert plot.stat().st_size > 1000  # matplotlib: requirements-dev.txt
+
+
+def test_compare_plot_without_matplotlib_stops_in_one_line(tmp_path, monkeypatch):
+    before = {"accuracy": 0.4, "n": 100}
+    run = fake_run(tmp_path / "a0", "alpha", before, before, 0, [(0, None)])
+    real_find_spec = compare.importlib.util.find_spec
+    monkeypatch.setattr(compare.importlib.util, "find_spec",
+                        lambda name: None if name == "matplotlib" else real_find_spec(name))
+    with pytest.raises(common.InputError, match="--plot needs matplotlib"):
+        compare.main([run, "--plot", str(tmp_path / "compare.png")])
+    compare.main([run])  # the table alone needs no matplotlib
 
 
 def test_compare_groups_runs_by_the_settings_that_differ_not_by_seed(tmp_path, capsys):
@@ -189,6 +196,15 @@ def test_compare_takes_sampled_metrics_from_a_later_evaluation_of_the_same_model
     base = dict(zip(table["method"], table["base (before)"]))
     assert (alpha["greedy accuracy (%)"], alpha["mean@4 (%)"], alpha["format@4 (%)"]) == ("50.0", "42.0", "90.0")
     assert (base["greedy accuracy (%)"], base["mean@4 (%)"]) == ("40.0", "30.0")
+    # toy/evaluate.py --adapter CHECKPOINT writes eval.json into the final checkpoint: read there.
+    checkpoint = tmp_path / "a0" / "checkpoint-000010"  # the run's final step: summary's "steps"
+    checkpoint.mkdir()
+    (tmp_path / "a0" / "eval.json").rename(checkpoint / "eval.json")
+    compare.main([run, "--base", str(tmp_path / "base")])
+    table = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+             for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert dict(zip(table["method"], table["alpha"]))["mean@4 (%)"] == "42.0"
+    (checkpoint / "eval.json").rename(tmp_path / "a0" / "eval.json")
     # An eval.json whose greedy accuracy is not the run's evaluated another model: refused.
     with pytest.raises(common.InputError, match="another model"):
         compare.main([run, "--base", str(tmp_path / "a0")])
@@ -244,6 +260,22 @@ def test_runs_without_a_before_evaluation_are_compared_with_the_base_evaluation(
 def test_compare_names_a_folder_without_a_summary(tmp_path):
     with pytest.raises(common.InputError, match="no summary.json"):
         compare.main([str(tmp_path)])
+
+
+def test_eval_command_takes_the_adapters_base_model_or_names_it(tmp_path, capsys):
+    import lora
+    adapted = common.load_model("toy")[0]
+    lora.apply_lora(adapted, r=4, alpha=8)
+    lora.save_lora(adapted, tmp_path / "adapter", base_model=common.model_folder("toy"))
+    evaluate.main(["--adapter", str(tmp_path / "adapter"), "--eval-n", "4", "--eval-k", "0"])
+    assert "toy settings:" in capsys.readouterr().out  # the toy's base: the toy and its settings
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config["target_modules"] = ["q_proj"]  # the keys of another model's adapter
+    config["base_model_name_or_path"] = "models/another"
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(common.InputError, match="does not fit --model toy: its adapter_config.json "
+                                                "names models/another as its base"):
+        evaluate.main(["--model", "toy", "--adapter", str(tmp_path / "adapter"), "--eval-n", "4"])
 
 
 def test_eval_command_names_a_folder_that_is_not_an_adapter(tmp_path):

@@ -96,11 +96,12 @@ def test_every_script_runs_two_steps(smollm2, tmp_path, monkeypatch, capsys):
     assert f"Here is a reference solution:\n{example['solution']}" in teacher_text
     assert "reference solution" not in student_text
 
-    load_script("evaluate").main(["--model", smollm2, "--adapter", str(common.latest_checkpoint(tmp_path / "grpo")),
+    # No --model: the adapter's adapter_config.json names its base, SmolLM2 (the toy would not fit).
+    load_script("evaluate").main(["--adapter", str(common.latest_checkpoint(tmp_path / "grpo")),
                  "--data", GSM8K, "--eval-n", "2", "--eval-k", "2", "--max-new-tokens", "12",
                  "--out", str(tmp_path / "eval")])
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert result["n"] == 2 and 0 <= result["pass@2"] <= 1
+    assert result["n"] == 2 and 0 <= result["pass@2"] <= 1 and result["model"] == smollm2
 
 
 def test_a_checkpoint_resumes_exactly(smollm2, tmp_path, crash_after):

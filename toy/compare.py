@@ -1,12 +1,12 @@
 """The comparison of finished runs: a Markdown table (mean ± sd over seeds, grouped by method and by
-the settings that differ) and a plot of held-out greedy accuracy against generated tokens and
-against training time (when matplotlib is installed).
+the settings that differ) and, with --plot, a plot of held-out greedy accuracy against generated
+tokens and against training time (matplotlib: requirements-dev.txt). A run's curves: toy/plot.py.
 
     python toy/compare.py out/study/sft-* out/study/grpo-* out/study/opsd-* --plot toy/compare.png
 
 It reads only the runs' summary.json and metrics.jsonl, and an eval.json that toy/evaluate.py wrote
-into a run's folder afterwards (its sampled metrics; see `later_evaluation`), so it works for any
-runs; the README's two studies are what it was written for. A run trained with --eval-k 0 and
+afterwards into a run's folder or its final checkpoint (its sampled metrics; see
+`later_evaluation`), so it works for any runs; the README's two studies are what it was written for. A run trained with --eval-k 0 and
 evaluated once afterwards, the real-model study's way:
 
     python toy/evaluate.py --model M --adapter out/real/grpo-1/checkpoint-000030 --eval-k 4 \
@@ -36,17 +36,20 @@ def read_run(folder):
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
         if metrics.is_file() else []
     summary = json.loads((folder / "summary.json").read_text())
-    summary["after"] = later_evaluation(folder, summary["after"])
+    summary["after"] = later_evaluation(folder, summary["after"],
+                                        folder / f"checkpoint-{summary['steps']:06d}")
     return summary, rows
 
 
-def later_evaluation(folder, greedy):
+def later_evaluation(folder, greedy, checkpoint=None):
     """`greedy` (a run's evaluation result) with the metrics of folder/eval.json added, when it
-    is there: `toy/evaluate.py --eval-k K --out folder` of the same model, the way a run trained
-    with --eval-k 0 gets mean@K, pass@K and maj@K (one sampled evaluation instead of one before
-    and one after every run). Its greedy accuracy must be the run's: the same model."""
-    path = Path(folder) / "eval.json"
-    if not path.is_file():
+    is there (else checkpoint/eval.json: `toy/evaluate.py --adapter CHECKPOINT` writes it there):
+    `toy/evaluate.py --eval-k K` of the same model, the way a run trained with --eval-k 0 gets
+    mean@K, pass@K and maj@K (one sampled evaluation instead of one before and one after every
+    run). Its greedy accuracy must be the run's: the same model."""
+    path = next((place / "eval.json" for place in (Path(folder), checkpoint)
+                 if place and (place / "eval.json").is_file()), None)
+    if path is None:
         return greedy
     result = json.loads(path.read_text())
     if (result["accuracy"], result["n"]) != (greedy["accuracy"], greedy["n"]):
@@ -108,8 +111,9 @@ def group_names(summaries, ignore=()):
 
 def compare_command(args):
     """Print a Markdown table of finished runs, grouped by method and the settings that differ
-    (mean ± sd over their seeds), and plot held-out accuracy against generated tokens when
-    matplotlib is installed."""
+    (mean ± sd over their seeds); with --plot, plot held-out accuracy against generated tokens."""
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise common.InputError("--plot needs matplotlib: pip install -r requirements-dev.txt")
     runs = [read_run(folder) for folder in args.runs]
     if args.base and not (Path(args.base) / "eval.json").is_file():
         raise common.InputError(f"--base {args.base}: no eval.json (write one with toy/evaluate.py "
@@ -156,9 +160,7 @@ def compare_command(args):
         lines += [f"| {first} - {second} | {paired_change(problems[first], problems[second])} |"
                   for i, first in enumerate(names) for second in names[i + 1:]]
     print("\n".join(lines))
-    if importlib.util.find_spec("matplotlib") is None:
-        print("(matplotlib is not installed: no plot)")
-    else:
+    if args.plot:
         plot_runs(list(methods.items())[1:], args.plot)
 
 
@@ -203,8 +205,9 @@ def main(argv=None):
     parser.add_argument("--base", default=None,
                         help="folder of toy/evaluate.py's eval.json for the starting model: its "
                              "sampled metrics for the base row")
-    parser.add_argument("--plot", default="out/compare.png",
-                        help="PNG of accuracy against generated tokens (needs matplotlib)")
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="also draw accuracy against generated tokens and seconds to this PNG "
+                             "(needs matplotlib: requirements-dev.txt)")
     parser.add_argument("--ignore", nargs="+", default=[], metavar="SETTING",
                         help="settings (as in summary.json's args, e.g. model) whose values do "
                              "not separate groups, like the seed: e.g. each seed of an arm "

@@ -35,7 +35,12 @@ def evaluate_model(args):
                                 "is a model folder: pass it as --model)")
     model, tokenizer = common.load_model(args.model, args.dtype)
     if args.adapter:
-        load_lora(model, args.adapter)
+        try:
+            load_lora(model, args.adapter)
+        except ValueError:  # an adapter of another base model
+            raise common.InputError(
+                f"--adapter {args.adapter} does not fit --model {args.model}: its "
+                f"adapter_config.json names {adapter_base(args.adapter)} as its base") from None
     teacher_view = args.view == "teacher"  # OPSD's premise: how much better the teacher answers
     result = common.evaluate(model, tokenizer, examples, args.max_new_tokens,
                              args.eval_batch_size, k=args.eval_k,
@@ -50,10 +55,20 @@ def evaluate_model(args):
     print(f"wrote {out / 'eval.json'}")
 
 
+def adapter_base(adapter):
+    """The base model an adapter folder names (PEFT's base_model_name_or_path), 'toy' for the
+    toy's; None if it names none."""
+    config = Path(adapter) / "adapter_config.json"
+    base = json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() \
+        else None
+    return "toy" if base == common.model_folder("toy") else base
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--model", default="toy", help="Hugging Face model id or local folder; 'toy' = built-in")
+    add("--model", default=None, help="Hugging Face model id or local folder; 'toy' = built-in; "
+        "if none, the --adapter's base model (its adapter_config.json names it), else toy")
     add("--adapter", default=None, help="a LoRA checkpoint folder (adapter_model.safetensors)")
     add("--data", default="toy", help="'toy' (its test split) or a local .jsonl/.json file")
     add("--split", choices=["all", "test"], default="all",
@@ -69,7 +84,11 @@ def main(argv=None):
         help="compute precision (auto: bfloat16 on CUDA, float32 on CPU)")
     add("--seed", type=int, default=0, help="the samples' random stream")
     add("--out", default=None, help="folder for eval.json; if none, the adapter's folder, else out")
-    args = common.parse_args(parser, argv, {}, TOY_SETTINGS)
+    adapter = parser.parse_known_args(argv)[0].adapter
+    base = (adapter_base(adapter) if adapter else None) or "toy"
+    args = common.parse_args(parser, argv, {"model": base}, TOY_SETTINGS)
+    if adapter and args.model == base != "toy":
+        print(f"model {base}: the adapter's base, from its adapter_config.json")
     args.split = "test" if args.data == "toy" else args.split
     evaluate_model(args)
 
