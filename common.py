@@ -295,18 +295,13 @@ def world_size():
 
 
 def global_sum(value, op=dist.ReduceOp.SUM):
-    """The sum of a number over all ranks (the number itself in a single process)."""
+    """The sum (or `op`) of a number over all ranks (the number itself in a single process)."""
     if not dist.is_initialized():
         return value
     total = torch.tensor(float(value), dtype=torch.float64,
                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(total, op=op)
     return type(value)(total.item())
-
-
-def global_max(value):
-    """The largest of a number over all ranks."""
-    return global_sum(value, op=dist.ReduceOp.MAX)
 
 
 def global_mean(value):
@@ -453,8 +448,7 @@ def load_examples(spec, split="train", holdout=500):
 
 
 def batch_indices(num_examples, batch_size, position, seed):
-    """Indices of the examples at data positions [position, position + batch_size); each epoch is a
-    permutation seeded by (seed, epoch), so resuming needs only the position, no sampler state."""
+    """Indices of the examples at positions [position, position + batch_size) (docs/common.md)."""
     indices = []
     for p in range(position, position + batch_size):
         epoch, offset = divmod(p, num_examples)
@@ -614,17 +608,15 @@ def logprob_gap(sampler_logprobs, trainer_logprobs):
     step's tokens (lists of [n] per micro-batch), all ranks; why it matters: docs/common.md."""
     gaps = (torch.cat(sampler_logprobs) - torch.cat(trainer_logprobs)).abs() if sampler_logprobs \
         else torch.zeros(0, device="cpu")  # [n]; none when no row was trained
-    count = global_sum(gaps.numel())
     largest = float(gaps.max()) if gaps.numel() else 0.0
-    return {"logprob_gap_mean": global_sum(float(gaps.sum())) / max(1, count),
-            "logprob_gap_max": global_max(largest)}
+    return {"logprob_gap_mean": global_sum(float(gaps.sum())) / max(1, global_sum(gaps.numel())),
+            "logprob_gap_max": global_sum(largest, op=dist.ReduceOp.MAX)}
 
 
 # ---- The end of a step (optimizer step, log line, evaluation, checkpoint) and of the run ---------
 
 def optimizer_step(run):
-    """Clip the gradient norm, step AdamW and the schedule, clear gradients; return the norm
-    before clipping (worth logging: a loss near 0 can still come with a large gradient)."""
+    """Clip, step AdamW and the schedule, clear the gradients; return the norm before clipping."""
     trainable = [p for p in run.model.parameters() if p.requires_grad]
     if dist.is_initialized():  # each rank's loss is its part of the batch's: sum the gradients
         for parameter in trainable:
@@ -665,7 +657,6 @@ def open_metrics(out, resumed_step):  # on resume, rows past the checkpoint go (
     if rank() != 0:
         return open(os.devnull, "w")  # rank 0 logs for all
     path = Path(out) / "metrics.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = path.read_text().splitlines() if resumed_step and path.exists() else []
     rows = [line for line in lines if line.strip() and json.loads(line)["step"] <= resumed_step]
     path.write_text("".join(row + "\n" for row in rows))
@@ -732,9 +723,7 @@ def majority_vote(answers):  # the most frequent but None, the first seen of equ
 
 
 def sample_metrics(sampled_answers, references):
-    """Metrics of k answers a problem: mean@k (the OPSD paper's Avg@k, = pass@1), pass@j (j = 1, 2,
-    4, ..., k), maj@k (the voted answer is right), more_than_half@k (a stricter "majority"),
-    format@k (a readable answer); docs/common.md."""
+    """k answers a problem -> mean@k, pass@j, maj@k, more_than_half@k, format@k (docs/common.md)."""
     k = len(sampled_answers[0])
     pairs = list(zip(sampled_answers, references))
     correct = [sum(answer == reference for answer in answers) for answers, reference in pairs]
@@ -831,8 +820,7 @@ def make_scheduler(optimizer, warmup_steps, total_steps, schedule="cosine"):
 # ---- Checkpoints: out/checkpoint-<step>/, as `save_checkpoint` writes them -----------------------
 
 def save_checkpoint(run):
-    """Write out/checkpoint-<step>: adapter or weights, tokenizer, trainer_state.pt (optimizer,
-    schedule, all ranks' RNG, method tensors), state.json, args.json (docs/common.md)."""
+    """Write out/checkpoint-<step>: adapter or weights, tokenizer, trainer state; docs/common.md."""
     args, model = run.args, run.model
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),  # its own GPU's too
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}

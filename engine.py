@@ -21,8 +21,7 @@ ATTENTION_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)  # replaced b
 
 
 def unsupported_cache_layers(model):
-    """Names of the model's KV-cache layer types that the sampler and training pass cannot handle:
-    linear attention, convolutions or other recurrent state (Qwen3-Next, LFM2)."""
+    """Names of the model's KV-cache layer types the sampler and training pass cannot handle."""
     names = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
     return sorted(names - {kind.__name__ for kind in (*ATTENTION_CACHE_LAYERS, DummyLayer)})
 
@@ -35,13 +34,11 @@ def keep_cache_in_recomputed_layers(model):
             layer._can_checkpoint_with_cache = True  # safe here: docs/engine.md
 
 
-# ----------------------------------------------------------------------------------------------
-# The sampler
+# ---- The sampler ---------------------------------------------------------------------------------
 
 
 def end_token_ids(model, tokenizer):
-    """The token ids that end a completion: the tokenizer's EOS and every id of the model's
-    generation config (real checkpoints list several: Qwen3 <|im_end|> and <|endoftext|>)."""
+    """The token ids that end a completion: the tokenizer's EOS and the generation config's."""
     configured = getattr(model.generation_config, "eos_token_id", None)
     configured = [configured] if isinstance(configured, int) else list(configured or [])
     return sorted({tokenizer.eos_token_id, *configured} - {None})
@@ -86,8 +83,7 @@ def restrict(logits, top_p, top_k):
 
 
 def inverse_cdf_draw(logits):
-    """One token per row of softmax(logits) [N, V] by the inverse CDF in float64 (exact: a token of
-    probability 0 never comes), with no host sync (docs/engine.md)."""
+    """One token per row of softmax(logits) [N, V], drawn by the inverse CDF (docs/engine.md)."""
     cumulative = logits.softmax(-1, dtype=torch.float64).cumsum(-1)  # [N, V]
     total = cumulative[:, -1:]  # [N, 1], 1 up to rounding
     u = torch.minimum(torch.rand(total.shape, dtype=torch.float64, device=total.device) * total,
@@ -231,10 +227,8 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
             if (t + 1) % CHECK_EVERY == 0:
                 finite = (token_logprobs.isfinite() | ended).all()  # ended rows' draws: unused
                 num_ended, finite = torch.stack([ended.sum(), finite]).tolist()
-                if not finite:
-                    break  # the error is raised below
-                if num_ended == len(row_of):
-                    break
+                if not finite or num_ended == len(row_of):
+                    break  # not finite: the error is raised below
                 if num_ended >= COMPACT_FRACTION * len(row_of):  # they leave, with their cache
                     going_on = (~ended).nonzero().flatten()
                     cache.batch_select_indices(going_on)
@@ -264,15 +258,13 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
             "num_generated_tokens": sum(lengths)}
 
 
-# ----------------------------------------------------------------------------------------------
-# The training forward pass: each prompt once, its keys and values shared by its completions
+# ---- The training forward pass: each prompt once, its keys and values shared by its completions --
 
 
 def pack(prompts, completions, pad_id, device):
     """A batch from N rows, row i = prompts[i] + completions[i] (token-id lists): prompt_ids,
     prompt_mask [M, P] (each distinct prompt once, left padded), completion_ids, completion_mask
-    [N, T] (right padded; the masks from lengths, so an EOS equal to pad is trained) and
-    prompt_of_row [N] (the prompt that row i continues)."""
+    [N, T] (right padded; masks from lengths: docs/engine.md), prompt_of_row [N]: row i's prompt."""
     distinct = {}  # prompt -> its index, in order of first appearance
     prompt_of_row = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt in prompts]
 
@@ -320,8 +312,7 @@ class SharedPromptLayer(DynamicLayer):
 def completion_hidden(model, batch):
     """The final hidden states (after the last norm) that predict the completion tokens of `batch`
     (`pack`): [N, T, H], position t predicting token t. The M prompts run once each, then the N
-    completions attend to their prompt's keys and values: in value and gradient one pass per
-    [prompt | completion] row (tests/test_generation.py). No output layer (docs/engine.md)."""
+    completions attend to their prompt's keys and values. No output layer (docs/engine.md)."""
     decoder, prompt_mask, rows = model.get_decoder(), batch["prompt_mask"], batch["prompt_of_row"]
 
     def run(input_ids, attention_mask, position_ids, layers):
@@ -345,8 +336,7 @@ def completion_hidden(model, batch):
     return torch.cat([last, hidden[:, :-1]], 1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Log-probabilities from hidden states, the output layer a chunk of positions at a time
+# ---- Log-probabilities from hidden states, the output layer a chunk of positions at a time -------
 
 
 def output_logits(model, hidden):
@@ -375,9 +365,8 @@ class ChunkedOutputLayer(torch.autograd.Function):
     computed in the forward pass while a chunk's logits exist (docs/engine.md)."""
 
     @staticmethod
-    def forward(context, function, chunk_size, num_tensors, *tensors_and_parameters):
-        tensors, parameters = tensors_and_parameters[:num_tensors], \
-            tensors_and_parameters[num_tensors:]
+    def forward(context, function, chunk_size, num_tensors, *inputs):  # tensors, then parameters
+        tensors, parameters = inputs[:num_tensors], inputs[num_tensors:]
         needs_grad = context.needs_input_grad[3:]  # after the 3 non-tensor arguments above
         trained = [p for p, needs in zip(parameters, needs_grad[num_tensors:]) if needs]
         outputs, monitored, jacobians = [], [], [[] for _ in tensors]
@@ -433,16 +422,13 @@ class ChunkedOutputLayer(torch.autograd.Function):
 def chunked_output_layer(function, tensors, chunk_size, parameters):
     """function(*chunk) on `chunk_size` rows of the [n, ...] `tensors` at a time, its [c] outputs
     concatenated: [n], output i of row i only; for ([c], [c, m] monitored values): ([n], [n, m]),
-    the latter without gradient. `parameters`: all that `function` uses (one left out gets no
-    gradient). Equal to the unchunked computation in value and gradient for rows of any shape:
-    tests/test_fused_losses.py. (docs/engine.md)"""
+    the latter without gradient. `parameters`: all that `function` uses (docs/engine.md)."""
     return ChunkedOutputLayer.apply(function, chunk_size, len(tensors), *tensors, *parameters)
 
 
 def target_logprobs(model, hidden, targets, temperature=1.0, chunk_size=128):
     """log softmax(output_logits(model, hidden) / temperature) at the targets: hidden [n, H],
-    targets [n] -> [n] float32, `chunk_size` positions at a time (RL: pass the sampling
-    temperature). Equal to log_softmax of the full logits: tests/test_fused_losses.py."""
+    targets [n] -> [n] float32, `chunk_size` positions at a time (RL: the sampling temperature)."""
     def chunk_logprobs(hidden_chunk, target_chunk):
         logits = output_logits(model, hidden_chunk).float() / temperature  # [c, V]
         return -F.cross_entropy(logits, target_chunk, reduction="none")  # [c]
@@ -463,8 +449,7 @@ def compare_logits_in_chunks(function, student, student_hidden, teacher_logits, 
                              chunk_size=128, extra=()):
     """function(student logits, teacher logits, *extra rows) at n positions, from [n, H] final
     hidden states of both -> [n], the gradient into the student only; teacher_logits(hidden) gives
-    the teacher's; `extra`: more [n, ...] rows. Equal to the same function of the full logits:
-    tests/test_fused_losses.py. (docs/engine.md)"""
+    the teacher's; `extra`: more [n, ...] rows (docs/engine.md)."""
     def chunk_values(student_chunk, teacher_chunk, *extra_chunks):  # [c, H] each -> [c]
         teacher_chunk_logits = teacher_logits(teacher_chunk)  # first: a weight swap ends before
         return function(output_logits(student, student_chunk), teacher_chunk_logits, *extra_chunks)

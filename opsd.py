@@ -6,14 +6,9 @@ OPSD (Zhao et al. 2026, arXiv 2601.18734): the model teaches itself, shown the s
   3. the student minimises L = (1/|o|) sum_t D( p_T(. | x, y*, o_<t),  p_S(. | x, o_<t) )
 No reward: a dense signal per token, so one rollout per prompt. Defaults, the paper's final setting:
 the frozen initial model as teacher (LoRA off; steadier than one that moves), D the forward KL with
-each vocabulary entry capped at `--clip` 0.05. Unlike the authors' code (siyan-zhao/OPSD on GitHub):
-- their help text caps per token (their code per entry, as ours): `--clip-per token`
-- their mean is per sequence, then over sequences (ours per token): `--loss-norm sequence`
-- their teacher may be an average of the student: `--teacher ema`
-- their loss may use the teacher's top K tokens only: `--teacher-top-k`
-- their later teacher thinks, not the student: `--teacher-thinking`, `--student-thinking`
-- their learning rate is constant over the paper's 100 steps: our `--schedule` (the toy: cosine)
-- we also log the uncapped divergence and the teacher's mass the cap removed
+each vocabulary entry capped at `--clip` 0.05. Where the authors' code (siyan-zhao/OPSD on GitHub)
+differs, a flag runs it their way: `--loss-norm sequence` (a mean per sequence), `--teacher ema`
+(an average of the student), `--teacher-top-k`, `--clip-per token` (their help text's cap).
 A separate teacher: `--teacher-model`; the sparse-to-dense bridge: `--teacher-rollout-steps`. PACED
 (arXiv 2603.11178): `--paced` weights by pass rate; `--forward-then-reverse`. See docs/opsd.md.
 
@@ -33,9 +28,7 @@ import common
 import engine
 from lora import forget_decoding_caches, lora_disabled
 
-# The shared flags' defaults that OPSD changes: the paper's (its code's schedule is constant within
-# 0.5% over its 100 steps). The toy's apply with --model toy to flags not given; its clip is 0, as a
-# 0.05 cap reverses the gradient of the digits its teacher and student disagree on sharply.
+# The shared flags' defaults that OPSD changes, the paper's, and the toy's (why: docs/opsd.md).
 DEFAULTS = {"lr": 5e-6, "max_grad_norm": 0.1, "temperature": 1.1, "top_p": 0.95, "top_k": 20,
             "schedule": "constant"}
 TOY_SETTINGS = {"steps": 150, "batch_size": 32, "lr": 1e-3, "lora_r": 16, "lora_alpha": 32,
@@ -67,8 +60,7 @@ def pointwise_divergence(student_logits, teacher_logits, beta, temperature, clip
     if clip <= 0:
         return uncapped, uncapped.detach(), torch.zeros_like(uncapped)
     if clip_per == "token":  # their help text's cap: a capped token passes no gradient at all
-        capped = uncapped.detach() > clip
-        return uncapped.clamp(max=clip), uncapped.detach(), capped.float()
+        return uncapped.clamp(max=clip), uncapped.detach(), (uncapped.detach() > clip).float()
     capped = terms.detach() > clip  # a capped entry passes no gradient (docs/opsd.md)
     return (terms.clamp(max=clip).sum(-1), uncapped.detach(),
             (log_p_teacher.detach().exp() * capped).sum(-1))
@@ -133,8 +125,7 @@ class Teacher:
     go through these methods, without gradient, so none can score it with the student's weights."""
     model: torch.nn.Module
     weights: Callable = nullcontext
-    ema: dict = None  # --teacher ema: {name: average}, kept in checkpoints (run.method_tensors)
-    ema_decay: float = 0.0
+    update: Callable = lambda student: None  # after each optimizer step (--teacher ema: ema_update)
 
     def hidden(self, batch):  # [N, T, H]: engine.completion_hidden
         with torch.no_grad(), self.weights(self.model):
@@ -152,26 +143,19 @@ class Teacher:
         with self.weights(self.model):
             return common.sample_rollouts(run, self.model, prompts, num_samples)
 
-    def update(self, student):
-        """After each optimizer step: the EMA teacher's average moves towards the student."""
-        if self.ema is not None:
-            ema_update(self.ema, student, self.ema_decay)
-
 
 def make_teacher(args, run):
-    """The `Teacher`: fixed, the student with LoRA off (--full: a frozen copy of --model); current,
-    the student; ema, its weights' averages (in checkpoints); --teacher-model, that one, frozen."""
-    if args.teacher_model:
-        return Teacher(common.load_model(args.teacher_model, args.dtype)[0].requires_grad_(False))
+    """The `Teacher` that --teacher and --teacher-model choose (docs/opsd.md)."""
     if args.teacher == "current":
         return Teacher(run.model)
-    if args.teacher == "ema":
+    if args.teacher == "ema":  # the averages: in checkpoints (run.method_tensors)
         averages = run.method_tensors  # one dict: the weights swapped in, and the ones updated
-        return Teacher(run.model, lambda model: ema_weights(model, averages), averages,
-                       args.ema_decay)
-    if not args.full:
-        return Teacher(run.model, lora_disabled)
-    return Teacher(common.load_model(args.model, args.dtype)[0].requires_grad_(False))
+        return Teacher(run.model, lambda model: ema_weights(model, averages),
+                       lambda student: ema_update(averages, student, args.ema_decay))
+    if args.teacher_model or args.full:  # a separate model, or --full's frozen copy of --model
+        frozen = common.load_model(args.teacher_model or args.model, args.dtype)[0]
+        return Teacher(frozen.requires_grad_(False))
+    return Teacher(run.model, lora_disabled)  # fixed: the student with LoRA off
 
 
 # ---- The algorithm -------------------------------------------------------------------------------
@@ -180,7 +164,7 @@ def make_teacher(args, run):
 def main(argv=None):
     args = parse_args(argv)
     run = common.start_run(args)
-    model, tokenizer = run.model, run.tokenizer
+    model = run.model
     teacher = make_teacher(args, run)
     while run.step < args.steps:
         examples = common.next_batch(run)
@@ -272,8 +256,7 @@ def add_to_totals(totals, loss, monitored, student_batch, teacher_batch):
 
 
 def step_metrics(args, rollouts, totals, gap, sampled_by, variants):
-    """The step's log: loss, the variants' numbers, uncapped divergence, capped mass, the
-    sampler/trainer gap, length."""
+    """The step's log: loss, variants, uncapped divergence, capped mass, logprob gap, length."""
     metrics = {"loss": common.global_sum(totals["loss"]), **variants}
     if args.loss == "full":
         uncapped, capped_mass = (common.global_sum(float(value)) for value in totals["monitored"])
@@ -318,8 +301,7 @@ def paced_weights(correct, group_size, alpha=1.0, beta=1.0):
 
 
 def divergence_beta(args, step):
-    """beta at a step: --jsd-beta, or PACED's (arXiv 2603.11178) forward KL (0) for half the steps,
-    then the reverse KL (1)."""
+    """beta at a step: --jsd-beta, or PACED's (arXiv 2603.11178) forward KL (0), then reverse KL."""
     if args.forward_then_reverse:
         return 1.0 if step >= args.steps // 2 else 0.0
     return args.jsd_beta
@@ -327,10 +309,9 @@ def divergence_beta(args, step):
 
 def ema_update(ema, model, decay):
     """theta_T <- decay theta_T + (1 - decay) theta_S, in place in `ema` (their `_update_ema`)."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if not parameter.requires_grad:
-                continue
+        for name, parameter in trainable:
             if name in ema:
                 ema[name].mul_(decay).add_(parameter, alpha=1 - decay)
             else:
@@ -340,17 +321,16 @@ def ema_update(ema, model, decay):
 @contextmanager
 def ema_weights(model, ema):
     """The model with its trainable parameters swapped for their averages in `ema`, then back."""
-    saved = {}
-    for name, parameter in model.named_parameters():
-        if name in ema:
-            saved[name], parameter.data = parameter.data, ema[name]
+    swapped = {name: p for name, p in model.named_parameters() if name in ema}
+    saved = {name: parameter.data for name, parameter in swapped.items()}
+    for name, parameter in swapped.items():
+        parameter.data = ema[name]
     forget_decoding_caches(model)  # a swap keeps a parameter's version counter
     try:
         yield model
     finally:
-        for name, parameter in model.named_parameters():
-            if name in saved:
-                parameter.data = saved[name]
+        for name, parameter in swapped.items():
+            parameter.data = saved[name]
         forget_decoding_caches(model)
 
 
@@ -414,10 +394,8 @@ def parse_args(argv=None):
         help="the student's prompt (its rollouts and training) with thinking on")
     add("--paced", action="store_true", help="PACED: weight each problem by p^alpha (1 - p)^beta, "
         "p = the student's pass rate over its --num-generations rollouts")
-    add("--paced-alpha", type=float, default=None,
-        help="PACED's alpha (with --paced, 1 if not given)")
-    add("--paced-beta", type=float, default=None,
-        help="PACED's beta (with --paced, 1 if not given)")
+    add("--paced-alpha", type=float, help="PACED's alpha (with --paced, 1 if not given)")
+    add("--paced-beta", type=float, help="PACED's beta (with --paced, 1 if not given)")
     add("--forward-then-reverse", action="store_true", help="PACED's two stages: forward KL "
         "(--jsd-beta 0) for the first half of the steps, reverse KL (1) for the second")
     args = common.parse_args(parser, argv, DEFAULTS, TOY_SETTINGS, ranges={

@@ -6,8 +6,8 @@ tokens and against training time (matplotlib: requirements-dev.txt). A run's cur
 
 It reads only the runs' summary.json and metrics.jsonl, and an eval.json that toy/evaluate.py wrote
 afterwards into a run's folder or its final checkpoint (its sampled metrics; see
-`later_evaluation`), so it works for any runs; the README's two studies are what it was written for. A run trained with --eval-k 0 and
-evaluated once afterwards, the real-model study's way:
+`later_evaluation`), so it works for any runs; the README's two studies are what it was written
+for. A run trained with --eval-k 0 and evaluated once afterwards, the real-model study's way:
 
     python toy/evaluate.py --model M --adapter out/real/grpo-1/checkpoint-000030 --eval-k 4 \
         --out out/real/grpo-1 ...       # the run's own --eval-n, --max-new-tokens, --seed
