@@ -1,6 +1,7 @@
 """common.py: what sft.py, grpo.py and opsd.py share, as plain functions in the order a script's
 main() meets them; no method, nothing only for speed (engine.py's). Notes: docs/common.md."""
 import argparse
+import atexit
 import importlib.metadata
 import json
 import math
@@ -10,6 +11,7 @@ import re
 import shutil
 import sys
 import time
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +61,9 @@ def add_common_args(parser):
     add("--overwrite", action="store_true",
         help="replace the run already in --out (its checkpoints, metrics and summary)")
     add("--resume", action="store_true",
-        help="continue the run in --out from its latest checkpoint")
+        help="continue the run in --out from its newest intact checkpoint")
+    add("--show-inputs", action="store_true", help="print the first example as the model sees it "
+        "(every run does, into --out's inputs.txt), then exit without training")
     add("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     add("--keep-checkpoints", type=int, default=2, help="the newest N checkpoints are kept")
     add("--steps", type=int, default=100, help="training steps, each on --batch-size new prompts")
@@ -169,13 +173,15 @@ class Run:  # a training run in progress: a plain record, changed by the functio
     step_started: float = 0.0  # time.time() at the start of the current step (`next_batch`)
     generated_before_step: int = 0  # state["generated_tokens"] then
     method_tensors: dict = field(default_factory=dict)  # a method's tensors kept in checkpoints
+    stalled_steps: int = 0  # steps in a row that trained nothing (`end_step`)
 
 
-def start_run(args):
-    """Folder, data, model, AdamW and schedule; resume or evaluate the start: a `Run`, training."""
+def start_run(args, first_inputs=None):
+    """Folder, data, model, AdamW and schedule; resume, show the inputs (`show_inputs`), evaluate
+    the start: a `Run`, training."""
     started = time.time()
     init_distributed()
-    prepare_out(args)  # before anything slow
+    checkpoint = None if args.show_inputs else prepare_out(args)  # before anything slow
     random.seed(args.seed)
     torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank
     train_examples = load_examples(args.data, "train")  # bad data fails before the slow load
@@ -199,13 +205,12 @@ def start_run(args):
               state={"data_position": 0, "train_tokens": 0, "generated_tokens": 0,
                      "wall_seconds": 0.0, "eval_seconds": 0.0,
                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    checkpoint = latest_checkpoint(args.out) if args.resume else None
     if checkpoint:
         load_checkpoint(checkpoint, run)
         print(f"resumed from {checkpoint} at step {run.step}")
-    else:
-        if args.resume:
-            print(f"no checkpoint in {args.out}: starting from step 0")
+    show_inputs(run, first_inputs or (lambda run, example: (
+        {"policy": student_prompts(run.tokenizer, [example])[0]}, None)))
+    if not checkpoint:
         run.state["before"] = run_evaluation(run, args.eval_k) if args.eval_before else None
         print(f"before: {describe(run.state['before'])}" if args.eval_before else
               "before: not evaluated (--no-eval-before)")
@@ -230,25 +235,33 @@ def make_folder(out):  # --out, made now, before anything slow
 
 
 def prepare_out(args):
-    """Make --out this run's folder, one run per folder, and log the run in it (docs/common.md)."""
+    """Make --out this run's folder, one run at a time (`lock`), and log the run in it; return the
+    checkpoint --resume continues from (docs/common.md)."""
     out = Path(args.out)
     if any(folder.name.startswith("checkpoint-") for folder in [out, *out.resolve().parents]):
         raise InputError(f"--out {out} is inside a checkpoint, which its run may delete")
     if args.resume and args.overwrite:
         raise InputError("--resume continues the run in --out, --overwrite replaces it: give one")
     make_folder(out)
-    existing = sorted(out.glob("checkpoint-*")) + [out / f for f in RUN_FILES if (out / f).exists()]
+    lock = check_lock(out)
+    existing = sorted(out.glob("checkpoint-*"), reverse=True) + [out / f for f in RUN_FILES
+                                                                 if (out / f).exists()]
     if existing and not (args.resume or args.overwrite):
-        raise InputError(f"--out {out} holds a run ({existing[0].name}): continue it with "
-                         "--resume, give another --out, or replace it with --overwrite")
+        newest = f"{existing[0].name}, its newest checkpoint" if existing[0].is_dir() else \
+            existing[0].name
+        raise InputError(f"--out {out} holds a run ({newest}): continue it with --resume, give "
+                         "another --out, or replace it with --overwrite")
     existing += [out / "runs.jsonl"] if (out / "runs.jsonl").exists() else []
     for flag in ("model", "data", "eval_data"):  # --overwrite must not remove what this run reads
         used = Path(str(getattr(args, flag))).resolve()
         if args.overwrite and any(path.resolve() in [used, *used.parents] for path in existing):
             raise InputError(f"--overwrite would delete --{flag.replace('_', '-')} "
                              f"{getattr(args, flag)}: give another --out")
-    checkpoint = latest_checkpoint(out) if args.resume else None
-    if checkpoint and (checkpoint / "args.json").exists():
+    checkpoint = intact_checkpoint(out) if args.resume else None
+    if args.resume and not checkpoint:
+        raise InputError(f"--resume: no checkpoint in {out} to continue (--save-every N writes "
+                         "them during a run): start without --resume")
+    if checkpoint:
         saved = json.loads((checkpoint / "args.json").read_text())
         lora_flags = [] if args.full else ["lora_r", "lora_alpha", "dora"]
         for name in ["method", "model", "full"] + lora_flags:
@@ -257,6 +270,10 @@ def prepare_out(args):
                 raise InputError(f"--resume: {checkpoint} was trained with {what} {saved[name]}, "
                                  f"this run has {getattr(args, name)}: resume with the same, or "
                                  "give another --out")
+        if saved["steps"] != args.steps and args.schedule != "constant":
+            print(f"note: --steps {args.steps}, the run in {checkpoint.name} had {saved['steps']}: "
+                  f"the {args.schedule} schedule now spans {args.steps} steps, so the learning "
+                  "rate changes at the resume")
     if dist.is_initialized():
         dist.barrier()  # every rank has looked at --out before rank 0 changes it
     if rank() == 0:
@@ -266,8 +283,34 @@ def prepare_out(args):
             runs.write(json.dumps({"method": args.method, "command": sys.argv,
                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                    "args": vars(args)}) + "\n")
+        lock.write_text(f"{os.getpid()}\n")
+        atexit.register(release_lock, out)  # however the process ends, but for a kill
     if dist.is_initialized():
         dist.barrier()  # no rank reads --out before it is ready
+    return checkpoint
+
+
+def check_lock(out):
+    """out/run.lock, which a running run holds with its process id: InputError while that process
+    lives (one run per --out); the lock of a process gone (killed, its machine lost) is ignored."""
+    lock = out / "run.lock"
+    try:
+        holder = int(lock.read_text().split()[0])
+        os.kill(holder, 0)  # signal 0 sends nothing: it only asks whether the process exists
+    except PermissionError:  # it exists, another user's
+        pass
+    except (OSError, ValueError, IndexError):  # no lock, a dead process's, or unreadable
+        holder = None
+    if holder not in (None, os.getpid()):
+        raise InputError(f"--out {out} is in use by a running process (pid {holder}, {lock}): "
+                         "wait for it or stop it, or give another --out")
+    return lock
+
+
+def release_lock(out):  # at the run's end: the lock goes if this process holds it
+    lock = Path(out) / "run.lock"
+    if lock.is_file() and lock.read_text().split() == [str(os.getpid())]:
+        lock.unlink()
 
 
 # ---- Data parallel under torchrun: N ranks of --batch-size B train as one process of N*B ---------
@@ -319,8 +362,19 @@ def gather_objects(value):  # [value of rank 0, value of rank 1, ...] on every r
 
 # ---- Model and tokenizer -------------------------------------------------------------------------
 
-def model_folder(name_or_path):  # --model as transformers takes it
-    return str(TOY_DIR / "model") if name_or_path == "toy" else name_or_path
+def model_folder(name_or_path):  # --model as transformers takes it; a wrong local path stops
+    if name_or_path == "toy":
+        return str(TOY_DIR / "model")
+    path = Path(name_or_path)
+    if not path.exists() and (path.is_absolute() or Path(path.parts[0]).is_dir()):
+        found = next(parent for parent in path.parents if parent.is_dir())
+        raise InputError(f"--model {name_or_path}: no such folder ({found} is a folder here: "
+                         "a path, not a Hugging Face id)")
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        raise InputError(f"--model {name_or_path} is a LoRA adapter, not a model: its base is "
+                         f"{base} (give that as --model; toy/evaluate.py --adapter evaluates it)")
+    return name_or_path
 
 
 def cannot_load(name_or_path, error):  # the InputError for a model that does not load
@@ -559,11 +613,67 @@ def sample_rollouts(run, model, prompts, num_samples):  # engine.generate, the s
     return rollouts
 
 
-def completion_length(rollouts):
-    """The rollouts' mean completion length in tokens, the mean over ranks."""
-    lengths = torch.tensor([len(ids) for ids in rollouts["completions"]], dtype=torch.float,
-                           device="cpu")
-    return global_mean(lengths.mean().item())
+def rollout_health(rollouts):
+    """The rollouts' mean completion length in tokens and the share cut at --max-new-tokens (no
+    end token): a run whose answers shrink or run to the limit shows it here first. All ranks."""
+    lengths = [len(ids) for ids in rollouts["completions"]]
+    cut = [not finished for finished in rollouts["finished"]]
+    return {"completion_length": global_mean(sum(lengths) / len(lengths)),
+            "truncated_fraction": global_mean(sum(cut) / len(cut))}
+
+
+BOUNDARY = "⟦|⟧"  # in the inputs shown: where the prompt ends and the completion begins
+
+
+def show_inputs(run, first_inputs):
+    """Print the first example as the model sees it, and write it to --out's inputs.txt:
+    `first_inputs(run, example)` -> ({name: prompt text}, the completion's ids, or None to sample
+    one from the first prompt), decoded with special tokens, BOUNDARY between prompt and
+    completion, token counts. Several prompts must give the completion the same ids
+    (`check_boundary`). The random streams are left as they were. --show-inputs: exit here."""
+    args, tokenizer, model = run.args, run.tokenizer, run.model
+    prompts, completion = first_inputs(run, run.train_examples[0])
+    what = "sampled" if completion is None else "trained on"
+    if completion is None:
+        with torch.random.fork_rng([model.device] if model.device.type == "cuda" else []):
+            completion = engine.generate(model, tokenizer, list(prompts.values())[:1],
+                                         args.max_new_tokens, args.temperature, args.top_p,
+                                         args.top_k)["completions"][0]
+    text = tokenizer.decode(completion)  # special tokens shown
+    lines = [f"inputs: the first example as the model sees it ({BOUNDARY}: where the prompt ends)"]
+    for name, prompt in prompts.items():
+        size = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        lines += [f"== {name} prompt, {size} tokens {BOUNDARY} completion, {len(completion)} "
+                  f"tokens ({what}) ==", prompt + BOUNDARY + text]
+        what = "the same tokens"
+    if len(prompts) > 1:
+        check_boundary(tokenizer, prompts, text)
+        lines.append(f"== checked: the completion's {len(completion)} token ids are the same after "
+                     "each prompt (no merge across the boundary) ==")
+    print("\n".join(lines))
+    if args.show_inputs:
+        sys.exit(0)
+    if rank() == 0:
+        (Path(args.out) / "inputs.txt").write_text("\n".join(lines) + "\n")
+
+
+def check_boundary(tokenizer, prompts, completion_text):
+    """InputError unless the completion's text tokenises to the same ids after every prompt, and
+    each prompt to its own ids: what a teacher scores is then what the student wrote."""
+    tails = {}
+    for name, prompt in prompts.items():
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        whole = tokenizer(prompt + completion_text, add_special_tokens=False)["input_ids"]
+        if whole[:len(prompt_ids)] != prompt_ids:
+            raise InputError(f"the {name} prompt's last token merges with the completion's first "
+                             f"({tokenizer.decode(prompt_ids[-1:])!r}): the prompts must end "
+                             "where a token ends")
+        tails[name] = whole[len(prompt_ids):]
+    first, *others = tails
+    for name in others:
+        if tails[name] != tails[first]:
+            raise InputError(f"the completion tokenises to other ids after the {name} prompt than "
+                             f"after the {first} prompt: the two would not score the same tokens")
 
 
 def training_batches(prompts, completions, rows, micro_batch_size, tokenizer, device):
@@ -630,8 +740,9 @@ def optimizer_step(run):
     return float(grad_norm)
 
 
-def end_step(run, metrics, train_tokens):
-    """Count the step; log it; evaluate (--eval-every) and checkpoint (--save-every) when due."""
+def end_step(run, metrics, train_tokens, stalled=None):
+    """Count the step; log it; evaluate (--eval-every) and checkpoint (--save-every) when due;
+    warn once when nothing trains (`stalled`: the method's reason, else a zero gradient norm)."""
     args, state = run.args, run.state
     run.step += 1
     train_tokens = global_sum(train_tokens)
@@ -649,6 +760,12 @@ def end_step(run, metrics, train_tokens):
                        train_seconds=train_seconds)
     log_step(run.metrics_file, metrics, args.steps,
              (time.time() - run.loop_started) / (run.step - run.first_step))
+    zero_gradient = ("the gradient norm is 0: the loss does not depend on the trained weights "
+                     "(look at inputs.txt and the loss)")
+    why = stalled or (zero_gradient if metrics.get("grad_norm") == 0 else None)
+    run.stalled_steps = run.stalled_steps + 1 if why else 0
+    if run.stalled_steps == STALLED_STEPS:  # once a streak, not every step
+        print(f"warning: nothing trains for {STALLED_STEPS} steps in a row: {why}", flush=True)
     if args.save_every and run.step % args.save_every == 0 and run.step < args.steps:
         save_checkpoint(run)  # the final one is finish_run's
 
@@ -663,10 +780,15 @@ def open_metrics(out, resumed_step):  # on resume, rows past the checkpoint go (
     return open(path, "a")
 
 
+STALLED_STEPS = 3  # steps in a row with nothing trained before end_step warns
+WATCHED = ("update", "rollouts", "reward", "loss", "grad_norm", "entropy", "eval_accuracy")
+
+
 def log_step(metrics_file, metrics, total_steps, seconds_per_step):
+    """Write the step's metrics to metrics.jsonl; print those a user watches (WATCHED), the ETA."""
     print(json.dumps(metrics), file=metrics_file, flush=True)
-    shown = "  ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
-                      for key, value in metrics.items() if key != "step")
+    shown = "  ".join(f"{key} {metrics[key]:.4g}" if isinstance(metrics[key], float) else
+                      f"{key} {metrics[key]}" for key in WATCHED if key in metrics)
     eta = format_seconds(seconds_per_step * (total_steps - metrics["step"]))
     print(f"step {metrics['step']:>4}/{total_steps}  {shown}  eta {eta}", flush=True)
 
@@ -696,6 +818,7 @@ def finish_run(run, **extra):
         "args": vars(args)}
     if rank() == 0:
         (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        release_lock(args.out)
     print(json.dumps({key: {name: value for name, value in item.items() if name != "correct"}
                       if key in ("before", "after") and item else item  # no per-problem results
                       for key, item in summary.items()}))
@@ -855,6 +978,48 @@ def save_checkpoint(run):
 
 def latest_checkpoint(out):
     return max(Path(out).glob("checkpoint-*"), default=None)
+
+
+def intact_checkpoint(out):
+    """The newest checkpoint in `out` whose files are whole (`checkpoint_damage`), or None if
+    there is none; newer damaged ones are named in one line and left as they are (InputError if
+    every one is damaged)."""
+    damaged = []
+    for folder in sorted(Path(out).glob("checkpoint-*"), reverse=True):
+        if not (damage := checkpoint_damage(folder)):
+            if damaged:
+                print(f"{'; '.join(damaged)}: resuming from {folder}, the newest intact checkpoint")
+            return folder
+        damaged.append(damage)
+    if damaged:
+        raise InputError(f"--resume: no intact checkpoint in {out} ({'; '.join(damaged)})")
+    return None
+
+
+def checkpoint_damage(folder):
+    """'FILE is missing' or 'FILE is damaged' for the first bad file of a checkpoint, or None; read
+    without loading: each safetensors header against the file's size, trainer_state.pt's zip
+    directory (at its end: a cut file has none), the JSON files parsed."""
+    weights = sorted(folder.glob("*.safetensors")) or [folder / "adapter_model.safetensors"]
+    for path in weights + [folder / name for name in ("trainer_state.pt", "state.json", "args.json")]:
+        if not path.is_file():
+            return f"{path} is missing"
+        try:
+            if path.suffix == ".safetensors":  # 8 bytes: the header's size; the header: JSON
+                with open(path, "rb") as file:
+                    header_size = int.from_bytes(file.read(8), "little")
+                    header = json.loads(file.read(header_size))
+                data = max((entry["data_offsets"][1] for name, entry in header.items()
+                            if name != "__metadata__"), default=0)
+                if path.stat().st_size < 8 + header_size + data:
+                    raise ValueError("cut short")
+            elif path.suffix == ".pt":
+                zipfile.ZipFile(path).close()
+            else:
+                json.loads(path.read_text())
+        except (ValueError, KeyError, TypeError, zipfile.BadZipFile):
+            return f"{path} is damaged"
+    return None
 
 
 def load_checkpoint(folder, run):  # restore what save_checkpoint saved in `folder`

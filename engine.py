@@ -426,23 +426,34 @@ def chunked_output_layer(function, tensors, chunk_size, parameters):
     return ChunkedOutputLayer.apply(function, chunk_size, len(tensors), *tensors, *parameters)
 
 
-def target_logprobs(model, hidden, targets, temperature=1.0, chunk_size=128):
+def target_logprobs(model, hidden, targets, temperature=1.0, chunk_size=128, entropy=False):
     """log softmax(output_logits(model, hidden) / temperature) at the targets: hidden [n, H],
-    targets [n] -> [n] float32, `chunk_size` positions at a time (RL: the sampling temperature)."""
+    targets [n] -> [n] float32, `chunk_size` positions at a time (RL: the sampling temperature).
+    entropy=True: also each position's entropy -sum_v p_v log p_v [n], from the same chunk's
+    logits, without gradient (a run's health: it falls as the policy collapses)."""
     def chunk_logprobs(hidden_chunk, target_chunk):
         logits = output_logits(model, hidden_chunk).float() / temperature  # [c, V]
-        return -F.cross_entropy(logits, target_chunk, reduction="none")  # [c]
-    return chunked_output_layer(chunk_logprobs, [hidden, targets], chunk_size,
-                                list(model.get_output_embeddings().parameters()))
+        logprobs = -F.cross_entropy(logits, target_chunk, reduction="none")  # [c]
+        if not entropy:
+            return logprobs
+        with torch.no_grad():
+            log_p = logits.log_softmax(-1)
+            return logprobs, -(log_p.exp() * log_p).sum(-1, keepdim=True)  # [c], [c, 1]
+    values = chunked_output_layer(chunk_logprobs, [hidden, targets], chunk_size,
+                                  list(model.get_output_embeddings().parameters()))
+    return (values[0], values[1][:, 0]) if entropy else values
 
 
-def token_logprobs(model, batch, temperature=1.0, chunk_size=128):
+def token_logprobs(model, batch, temperature=1.0, chunk_size=128, entropy=False):
     """log p(completion token t | prompt, tokens before t) of each row of `batch` (`pack`): [N, T]
-    float32, 0 on padding; the output layer runs on completion positions only."""
+    float32, 0 on padding; the output layer runs on completion positions only. entropy=True:
+    (that, the entropies [N, T]) (`target_logprobs`)."""
     mask = batch["completion_mask"].bool()
-    logprobs = target_logprobs(model, completion_hidden(model, batch)[mask],
-                               batch["completion_ids"][mask], temperature, chunk_size)
-    return torch.zeros(mask.shape, device=mask.device).masked_scatter(mask, logprobs)
+    values = target_logprobs(model, completion_hidden(model, batch)[mask],
+                             batch["completion_ids"][mask], temperature, chunk_size, entropy)
+    unpacked = [torch.zeros(mask.shape, device=mask.device).masked_scatter(mask, value)
+                for value in (values if entropy else [values])]
+    return tuple(unpacked) if entropy else unpacked[0]
 
 
 def compare_logits_in_chunks(function, student, student_hidden, teacher_logits, teacher_hidden,

@@ -170,27 +170,27 @@ def main(argv=None):
         old_logps, ref_logps = fixed_logprobs(run, batches)  # pi_old (mu > 1), pi_ref (beta > 0)
 
         # 4. mu policy updates on the same rollouts, each with the whole step's gradient.
-        totals, gap = {"loss": 0.0, "clipped": 0.0, "kl": 0.0}, ([], [])
+        totals, gap = dict.fromkeys(["loss", "clipped", "kl", "entropy", "tokens"], 0.0), ([], [])
         for iteration in range(args.num_iterations):
             for b, (indices, batch) in enumerate(batches):
-                logp = engine.token_logprobs(model, batch, args.temperature,
-                                             args.chunk_size)  # [B, T]: log pi(o_t)
+                logp, entropy = engine.token_logprobs(model, batch, args.temperature,
+                                                      args.chunk_size, entropy=True)  # [B, T]
                 old_logp = old_logps[b] if old_logps else logp.detach()  # mu = 1: rho = 1
                 ref_logp = ref_logps[b] if ref_logps else None
                 loss = policy_loss(logp, old_logp, advantages[indices].to(model.device),
                                    batch["completion_mask"], normaliser, ref_logp, args.beta,
                                    args.epsilon_low, args.epsilon_high, args.loss_type)
                 loss.backward()  # the micro-batches' gradients add up to the step's
-                add_monitors(totals, loss, logp, old_logp, ref_logp, batch, args)
+                add_monitors(totals, loss, logp, entropy, old_logp, ref_logp, batch, args)
                 if iteration == 0:  # the policy that sampled: the sampler/trainer gap
                     common.add_logprob_gap(gap, rollouts, indices,
                                            logp[batch["completion_mask"].bool()])
             grad_norm = common.optimizer_step(run)
 
         train_tokens = sum(common.batch_tokens(batch) for _, batch in batches) * args.num_iterations
-        metrics = step_metrics(args, rollouts, rewards, kept_tokens, totals, gap)
+        metrics, stalled = step_metrics(args, rollouts, rewards, kept_tokens, totals, gap)
         common.end_step(run, {**mixing, **metrics, "grad_norm": grad_norm},
-                        train_tokens + sft_tokens)
+                        train_tokens + sft_tokens, stalled)
     common.finish_run(run)
 
 
@@ -238,12 +238,14 @@ def fixed_logprobs(run, batches):
     return old_logps, ref_logps
 
 
-def add_monitors(totals, loss, logp, old_logp, ref_logp, batch, args):
-    """Add a micro-batch's loss (a mean over the --num-iterations updates), clipped tokens and k3
-    KL sum to the step's totals."""
+def add_monitors(totals, loss, logp, entropy, old_logp, ref_logp, batch, args):
+    """Add a micro-batch's loss (a mean over the --num-iterations updates), clipped tokens, k3 KL
+    sum and the policy's entropy summed over its tokens to the step's totals."""
     totals["loss"] += loss.item() / args.num_iterations
     with torch.no_grad():
         mask = batch["completion_mask"].bool()
+        totals["entropy"] += float(entropy[mask].sum())
+        totals["tokens"] += int(mask.sum())
         ratio = torch.exp(logp - old_logp)[mask]
         totals["clipped"] += float(((ratio < 1 - args.epsilon_low) |
                                     (ratio > 1 + args.epsilon_high)).sum())
@@ -252,18 +254,28 @@ def add_monitors(totals, loss, logp, old_logp, ref_logp, batch, args):
 
 
 def step_metrics(args, rollouts, rewards, kept_tokens, totals, gap):
-    """The step's log: the mean reward, the share of groups with no reward spread, the completion
-    length, the clipped share of the kept tokens (and the KL to the reference), the gap, the
+    """The step's log, and why nothing trains when every group's rewards are equal (else None):
+    the mean reward, its spread within groups (their mean standard deviation: advantages need it)
+    and the share of groups without any, the completions' length and truncated share, the policy's
+    entropy, the clipped share of the kept tokens (and the KL to the reference), the gap, the
     loss."""
     group_size = args.num_generations
     scored_tokens = max(1, kept_tokens * args.num_iterations)  # kept_tokens: of all ranks
-    zero_std = rewards.view(-1, group_size).std(dim=1) == 0  # [prompts]
-    return {"reward": common.global_mean(rewards.mean().item()),
-            "zero_std_fraction": common.global_mean(zero_std.float().mean().item()),
-            "completion_length": common.completion_length(rollouts),
-            "clip_fraction": common.global_sum(totals["clipped"]) / scored_tokens,
-            **({"kl": common.global_sum(totals["kl"]) / scored_tokens} if args.beta > 0 else {}),
-            **common.logprob_gap(*gap), "loss": common.global_sum(totals["loss"])}
+    group_std = rewards.view(-1, group_size).std(dim=1)  # [prompts]
+    metrics = {"reward": common.global_mean(rewards.mean().item()),
+               "reward_std": common.global_mean(group_std.mean().item()),
+               "zero_std_fraction": common.global_mean((group_std == 0).float().mean().item()),
+               **common.rollout_health(rollouts),
+               "entropy": common.global_sum(totals["entropy"]) /
+               max(1, common.global_sum(totals["tokens"])),
+               "clip_fraction": common.global_sum(totals["clipped"]) / scored_tokens,
+               **({"kl": common.global_sum(totals["kl"]) / scored_tokens} if args.beta > 0 else {}),
+               **common.logprob_gap(*gap), "loss": common.global_sum(totals["loss"])}
+    stalled = None if metrics["zero_std_fraction"] < 1 else (
+        "every group's rewards are equal (all right or all wrong), so every advantage is 0: give "
+        "problems this model solves sometimes, or raise --num-generations or --temperature, or "
+        "add --format-reward")
+    return metrics, stalled
 
 
 def cold_start_amplification(successes, group_size, q):

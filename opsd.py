@@ -70,24 +70,28 @@ def divergence(student, student_hidden, teacher, teacher_hidden, weights, normal
         temperature=1.0, clip=0.0, chunk_size=128, clip_per="entry", top_k=0, completion_ids=None):
     """OPSD's loss (arXiv 2601.18734; generalized JSD, arXiv 2306.13649), sum_t m_t D(softmax(z^T_t
     / T), softmax(z^S_t / T)) / normaliser, D `pointwise_divergence`: hidden states [N, T, H] ->
-    logits a chunk of positions at a time; weights m [N, T]. Returns (the loss, [2] the uncapped
-    divergence and capped mass, [n] the student's completion log-probabilities or None)."""
-    def per_position(student_logits, teacher_logits, *targets):  # [c, V] each -> [c], [c, 2 or 3]
+    logits a chunk of positions at a time; weights m [N, T]. Returns (the loss, [3] the uncapped
+    divergence, capped mass and the student's entropy, weighted as the loss, [n] the student's
+    completion log-probabilities or None)."""
+    def per_position(student_logits, teacher_logits, *targets):  # [c, V] each -> [c], [c, 3 or 4]
         logprobs = [engine.logprobs_of(student_logits, targets[0], temperature)] if targets else []
+        with torch.no_grad():  # the student's entropy, a health metric: the whole vocabulary
+            log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
+            entropy = -(log_p.exp() * log_p).sum(-1)
         if top_k:
             student_logits, teacher_logits = top_k_logits(student_logits, teacher_logits, top_k)
         loss, uncapped, capped_mass = pointwise_divergence(student_logits, teacher_logits, beta,
                                                            temperature, clip, clip_per)
-        return loss, torch.stack([uncapped, capped_mass, *logprobs], -1)
+        return loss, torch.stack([uncapped, capped_mass, entropy, *logprobs], -1)
     mask = weights > 0
     extra = [completion_ids[mask]] if completion_ids is not None else []
-    values, monitored = engine.compare_logits_in_chunks(  # [n], [n, 2 or 3]: at weighted positions
+    values, monitored = engine.compare_logits_in_chunks(  # [n], [n, 3 or 4]: at weighted positions
         per_position, student, student_hidden[mask], teacher.logits, teacher_hidden[mask],
         chunk_size, extra)
     position_weights = weights[mask].float()  # [n]
     return ((values * position_weights).sum() / normaliser,
-            (monitored[:, :2] * position_weights[:, None]).sum(0) / normaliser,
-            monitored[:, 2] if extra else None)
+            (monitored[:, :3] * position_weights[:, None]).sum(0) / normaliser,
+            monitored[:, 3] if extra else None)
 
 
 def textbook_divergence(student_logits, teacher_logits, weights, normaliser, beta=0.0,
@@ -163,7 +167,7 @@ def make_teacher(args, run):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = common.start_run(args)
+    run = common.start_run(args, first_inputs)  # shows both prompts and checks their boundary
     model = run.model
     teacher = make_teacher(args, run)
     while run.step < args.steps:
@@ -179,7 +183,7 @@ def main(argv=None):
         jsd_beta = divergence_beta(args, run.step)  # --jsd-beta, or --forward-then-reverse's
         trained = row_weights.nonzero().flatten().tolist()  # rows of weight 0: not trained
 
-        totals = {"loss": 0.0, "monitored": torch.zeros(2, device=model.device), "tokens": 0}
+        totals = {"loss": 0.0, "monitored": torch.zeros(3, device=model.device), "tokens": 0}
         gap = ([], [])  # the sampler's and the trainer's log-probabilities of the same tokens
         for indices, student_batch, teacher_batch in step_batches(run, rollouts, student_prompts,
                                                                teacher_prompts, trained):
@@ -206,9 +210,7 @@ def main(argv=None):
 def step_rollouts(run, examples, teacher):
     """The completions, both prompts' ids and who sampled: the teacher in the bridge's steps."""
     args, tokenizer = run.args, run.tokenizer
-    student_texts = common.student_prompts(tokenizer, examples, args.student_thinking)
-    teacher_texts = [common.chat_prompt(tokenizer, teacher_message(args.teacher_prompt)(example),
-                                        args.teacher_thinking) for example in examples]
+    student_texts, teacher_texts = prompt_texts(args, tokenizer, examples)
 
     def tokenised(texts):  # each rollout's prompt ids, the rollouts of an example adjacent
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -218,6 +220,30 @@ def step_rollouts(run, examples, teacher):
         return rollouts, rollouts["prompts"], tokenised(teacher_texts), "student"
     rollouts = teacher.sample(run, teacher_texts, args.num_generations)
     return rollouts, tokenised(student_texts), rollouts["prompts"], "teacher"
+
+
+def prompt_texts(args, tokenizer, examples):
+    """The student's and the teacher's prompts of the examples, each in its --*-thinking mode."""
+    return (common.student_prompts(tokenizer, examples, args.student_thinking),
+            [common.chat_prompt(tokenizer, teacher_message(args.teacher_prompt)(example),
+                                args.teacher_thinking) for example in examples])
+
+
+def first_inputs(run, example):
+    """For common.show_inputs: both prompts, named with the thinking mode their flags give; the
+    completion is sampled there. A template that always thinks refuses a flag that is off."""
+    prompts = {}
+    for side, text in zip(("student", "teacher"), prompt_texts(run.args, run.tokenizer, [example])):
+        thinking = getattr(run.args, f"{side}_thinking")
+        message = (common.student_message if side == "student" else
+                   teacher_message(run.args.teacher_prompt))(example)
+        on, off = (common.chat_prompt(run.tokenizer, message, mode) for mode in (True, False))
+        mode = f"--{side}-thinking {'on' if thinking else 'off'}"
+        if on == off and "<think>" in on and not thinking:
+            raise common.InputError(f"{mode}, but the model's chat template always opens a "
+                                    "<think> block")
+        prompts[f"{side} ({mode}{'' if on != off else ': the template has no such mode'})"] = text[0]
+    return prompts, None
 
 
 def step_batches(run, rollouts, student_prompts, teacher_prompts, trained):
@@ -232,7 +258,8 @@ def step_batches(run, rollouts, student_prompts, teacher_prompts, trained):
 
 def distillation_loss(args, model, teacher, student_hidden, teacher_hidden, batch, weights,
                       normaliser, jsd_beta):
-    """A micro-batch's (loss, [2] or None, [n]): `divergence` or `sampled_token_loss` (--loss)."""
+    """A micro-batch's (loss, [3] monitored values, [n]): `divergence` or `sampled_token_loss`
+    (--loss; its monitored values: only the student's entropy)."""
     if args.loss == "full":
         return divergence(model, student_hidden, teacher, teacher_hidden, weights, normaliser,
                           jsd_beta, args.temperature, args.clip, args.chunk_size, args.clip_per,
@@ -241,29 +268,33 @@ def distillation_loss(args, model, teacher, student_hidden, teacher_hidden, batc
     targets = batch["completion_ids"][mask]
     teacher_logprobs = teacher.logprobs(teacher_hidden[mask], targets, args.temperature,
                                         args.chunk_size)
-    student_logprobs = engine.target_logprobs(model, student_hidden[mask], targets,
-                                              args.temperature, args.chunk_size)
+    student_logprobs, entropy = engine.target_logprobs(model, student_hidden[mask], targets,
+                                                       args.temperature, args.chunk_size, True)
+    monitored = torch.zeros(3, device=entropy.device)
+    monitored[2] = (entropy * weights[mask]).sum() / normaliser
     return (sampled_token_loss(student_logprobs, teacher_logprobs, weights[mask], normaliser),
-            None, student_logprobs)
+            monitored, student_logprobs)
 
 
 def add_to_totals(totals, loss, monitored, student_batch, teacher_batch):
     """Add a micro-batch's loss, monitored values and training tokens to the step's totals."""
     totals["loss"] += loss.item()
-    if monitored is not None:
-        totals["monitored"] += monitored
+    totals["monitored"] += monitored
     totals["tokens"] += common.batch_tokens(student_batch) + common.batch_tokens(teacher_batch)
 
 
 def step_metrics(args, rollouts, totals, gap, sampled_by, variants):
-    """The step's log: loss, variants, uncapped divergence, capped mass, logprob gap, length."""
+    """The step's log: loss, variants, uncapped divergence, capped mass, the student's entropy,
+    logprob gap, length and truncated share."""
     metrics = {"loss": common.global_sum(totals["loss"]), **variants}
+    uncapped, capped_mass, entropy = (common.global_sum(float(value))
+                                      for value in totals["monitored"])
     if args.loss == "full":
-        uncapped, capped_mass = (common.global_sum(float(value)) for value in totals["monitored"])
         metrics.update(uncapped_divergence=uncapped, capped_mass=capped_mass)
+    metrics["entropy"] = entropy
     if sampled_by == "student":
         metrics.update(common.logprob_gap(*gap))
-    return {**metrics, "completion_length": common.completion_length(rollouts)}
+    return {**metrics, **common.rollout_health(rollouts)}
 
 
 # ---- The variants --------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def sft_gradient(run, rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = common.start_run(args)
+    run = common.start_run(args, first_inputs)  # shows what the model sees and is trained on
     while run.step < args.steps:
         examples = common.next_batch(run)
         # The step's rows (prompt ids, completion ids): the reference solutions, or with
@@ -132,6 +132,14 @@ def main(argv=None):
         grad_norm = common.optimizer_step(run)
         common.end_step(run, {**metrics, "loss": loss, "grad_norm": grad_norm}, train_tokens)
     common.finish_run(run, cut_solutions=run.state.get("cut_solutions"))
+
+
+def first_inputs(run, example):
+    """For common.show_inputs: the prompt and what SFT trains on after it, the reference solution
+    (`encode`), or with --rejection-sampling a sample (None: show_inputs samples one)."""
+    prompt = common.student_prompts(run.tokenizer, [example])[0]
+    return {"policy": prompt}, None if run.args.rejection_sampling else \
+        encode(run.tokenizer, example, run.args.max_new_tokens)[1]
 
 
 # ----------------------------------------------------------------------------------------------

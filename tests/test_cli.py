@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 import common
 import grpo
@@ -19,11 +21,15 @@ SCRIPTS = {"sft": sft, "grpo": grpo, "opsd": opsd, "evaluate": evaluate}
 
 
 def a_run(folder, **saved_args):
-    """A folder holding a finished run's checkpoint (only what prepare_out reads)."""
+    """A folder holding a finished run's checkpoint (only what prepare_out reads, whole)."""
     checkpoint = folder / "checkpoint-000002"
     checkpoint.mkdir(parents=True)
     (checkpoint / "args.json").write_text(json.dumps({"method": "sft", "model": "toy", "full": False,
-                                                      "lora_r": 16, "lora_alpha": 32, **saved_args}))
+                                                      "lora_r": 16, "lora_alpha": 32, "steps": 2,
+                                                      **saved_args}))
+    save_file({"weight": torch.zeros(2)}, checkpoint / "adapter_model.safetensors")
+    torch.save({}, checkpoint / "trainer_state.pt")
+    (checkpoint / "state.json").write_text("{}")
     (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     return folder
 
@@ -91,7 +97,7 @@ def test_the_command_line_itself_exits_2_in_one_line_within_seconds(command, tmp
 
 
 @pytest.mark.parametrize("script,argv,message", [
-    ("sft", [], "holds a run (checkpoint-000002): continue it with --resume"),
+    ("sft", [], "holds a run (checkpoint-000002, its newest checkpoint): continue it with --resume"),
     ("grpo", ["--resume"], "was trained with method sft, this run has grpo"),
     ("sft", ["--resume", "--lora-r", "8"], "was trained with --lora-r 16, this run has 8"),
     ("sft", ["--resume", "--model", "other"], "was trained with --model toy"),

@@ -184,3 +184,34 @@ def test_chunked_gradients_equal_autograd_for_rows_of_any_shape(shape):
     fused, x.grad = x.grad, None
     (per_row(x) * upstream).sum().backward()
     assert torch.allclose(fused, x.grad, atol=1e-6)
+
+
+def plain_entropy(logits, temperature):  # -sum_v p_v log p_v of softmax(logits / T), [..., V] -> [...]
+    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+@pytest.mark.parametrize("kind,lora", MODELS)
+def test_the_entropy_read_from_the_chunks_equals_the_plain_computation(kind, lora):
+    """The health metric `entropy` (GRPO: token_logprobs; OPSD: divergence's monitored values),
+    from the chunked output layer, against the model's full logits; the loss's gradient is the
+    same with it as without it."""
+    model = tiny_model(kind, lora)
+    prompts, completions, batch = rows()
+    mask = batch["completion_mask"]
+    with torch.no_grad():
+        expected = plain_entropy(common.textbook_logits(model, prompts, completions), 0.7) * mask
+    logprobs, entropy = engine.token_logprobs(model, batch, 0.7, chunk_size=3, entropy=True)
+    assert torch.allclose(entropy, expected, rtol=1e-5, atol=1e-6) and entropy.requires_grad is False
+    assert float(expected.max()) > 1e-3  # not 0: a real check
+    num_targets = int(mask.sum())
+    assert_same(model, lambda: sft.sft_loss(engine.token_logprobs(
+                    model, batch, 0.7, chunk_size=3, entropy=True)[0], mask, num_targets),
+                lambda: sft.sft_loss(engine.token_logprobs(model, batch, 0.7, chunk_size=3),
+                                     mask, num_targets))
+    teacher = opsd.Teacher(model, lora_disabled if lora else (lambda _: torch.no_grad()))
+    hidden = engine.completion_hidden(model, batch)
+    weights = mask * torch.tensor([[1.0], [0.5]])  # PACED-like row weights
+    monitored = opsd.divergence(model, hidden, teacher, hidden.detach(), weights, 7.0,
+                                temperature=0.7, chunk_size=2)[1]
+    assert float(monitored[2]) == pytest.approx(float((expected * weights).sum() / 7.0), rel=1e-5)

@@ -214,7 +214,7 @@ def test_the_bridge_samples_from_the_teacher_first_and_then_from_the_student(tmp
     opsd.main(["--teacher-model", teacher_folder, "--teacher-rollout-steps", "2", "--steps", "3",
                "--batch-size", "4", "--eval-n", "0", "--out", str(out)])
     student = str(common.TOY_DIR / "model")
-    assert samplers == [teacher_folder, teacher_folder, student]
+    assert samplers == [student, teacher_folder, teacher_folder, student]  # first: show_inputs
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["rollouts"] for row in rows] == ["teacher", "teacher", "student"]
 
@@ -304,12 +304,13 @@ def test_ema_update_and_the_swapped_weights_by_hand():
     assert torch.equal(model[1].weight, trained)
 
 
-def test_thinking_is_chosen_per_prompt_where_the_template_has_the_switch(toy):
+def test_thinking_is_chosen_per_prompt_where_the_template_has_the_switch(toy, monkeypatch):
     _, tokenizer = toy
     message = "What is 2+3?"
     assert common.chat_prompt(tokenizer, message, True) == common.chat_prompt(tokenizer, message)
-    tokenizer.chat_template = ("{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
-                               "<|assistant|>{% if not enable_thinking %}<think></think>{% endif %}")
+    monkeypatch.setattr(tokenizer, "chat_template",  # the session's tokenizer: put back after
+                        "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
+                        "<|assistant|>{% if not enable_thinking %}<think></think>{% endif %}")
     assert common.chat_prompt(tokenizer, message, True) == f"<|user|>{message}<|assistant|>"
     assert common.chat_prompt(tokenizer, message) == f"<|user|>{message}<|assistant|><think></think>"
 

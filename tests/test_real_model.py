@@ -127,3 +127,21 @@ def test_a_separate_teacher_and_the_bridge_on_a_real_model(smollm2, tmp_path):
     assert abs(bridge[0]["loss"]) < 1e-4 < solution[0]["loss"]
     for name in ["bridge", "solution"]:
         assert all(torch.isfinite(torch.tensor(losses(tmp_path / name)))), name
+
+
+def test_the_input_check_refuses_a_merge_across_the_boundary_and_passes_opsd(smollm2, capsys):
+    """A teacher prompt whose last word the completion continues ("Final Answer" + "s: 42" is one
+    BPE word) would score other tokens than the student wrote: refused in one line. OPSD's own
+    prompts on SmolLM2 pass, shown with --show-inputs, which trains nothing."""
+    tokenizer = common.load_tokenizer(smollm2)
+    prompts = {"student": "<|im_start|>assistant\n", "teacher": "Final Answer"}
+    with pytest.raises(common.InputError, match="the teacher prompt's last token merges"):
+        common.check_boundary(tokenizer, prompts, "s: 42")
+    common.check_boundary(tokenizer, {**prompts, "teacher": "Final Answer\n"}, "s: 42")
+    with pytest.raises(SystemExit) as exit_:
+        opsd.main(["--model", smollm2] + SMALL + ["--show-inputs"])
+    shown = capsys.readouterr().out
+    assert exit_.value.code == 0 and "completion_length" not in shown  # no step taken
+    assert "== student (--student-thinking off: the template has no such mode) prompt" in shown
+    assert "Here is a reference solution:" in shown and "<|im_start|>assistant\n⟦|⟧" in shown
+    assert "== checked: the completion's" in shown

@@ -136,7 +136,8 @@ def script_run(name, main, argv, out):
     summary = json.loads((out / "summary.json").read_text())
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     train_seconds = summary["wall_seconds"] - timings["seconds"]
-    row = {"run": name, "peak_memory_gib": peak_gib(), "rollout_tokens": timings["tokens"],
+    row = {"run": name, "peak_memory_gib": peak_gib(),
+           "rollout_tokens": summary["generated_tokens"],  # training's (not show_inputs' sample)
            "rollout_tokens_per_second": round(timings["tokens"] / max(timings["seconds"], 1e-9)),
            "train_tokens": summary["train_tokens"],
            "train_tokens_per_second": round(summary["train_tokens"] / max(train_seconds, 1e-9)),
