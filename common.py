@@ -296,10 +296,13 @@ def check_lock(out):
     lock = out / "run.lock"
     try:
         holder = int(lock.read_text().split()[0])
-        os.kill(holder, 0)  # signal 0 sends nothing: it only asks whether the process exists
-    except PermissionError:  # it exists, another user's
+    except (OSError, ValueError, IndexError):  # no lock, or not one of ours
+        holder = None
+    try:
+        os.kill(holder, 0) if holder else None  # signal 0 sends nothing: is the process there?
+    except PermissionError:  # it is, another user's
         pass
-    except (OSError, ValueError, IndexError):  # no lock, a dead process's, or unreadable
+    except OSError:  # it is gone: killed, or its machine lost
         holder = None
     if holder not in (None, os.getpid()):
         raise InputError(f"--out {out} is in use by a running process (pid {holder}, {lock}): "
@@ -362,11 +365,19 @@ def gather_objects(value):  # [value of rank 0, value of rank 1, ...] on every r
 
 # ---- Model and tokenizer -------------------------------------------------------------------------
 
-def model_folder(name_or_path):  # --model as transformers takes it; a wrong local path stops
+def model_folder(name_or_path):  # --model as transformers takes it
+    return str(TOY_DIR / "model") if name_or_path == "toy" else name_or_path
+
+
+def check_model_path(name_or_path):
+    """InputError at once for a local path that is not there (rather than minutes of hub retries)
+    and for an adapter folder given as a model; a path: absolute, ./ ../ ~, or whose first folder
+    exists here (a Hugging Face id org/name whose org is a local folder: run elsewhere)."""
+    path = Path(name_or_path).expanduser()
     if name_or_path == "toy":
-        return str(TOY_DIR / "model")
-    path = Path(name_or_path)
-    if not path.exists() and (path.is_absolute() or Path(path.parts[0]).is_dir()):
+        return
+    if not path.exists() and (name_or_path.startswith((".", "~", "/")) or
+                              Path(path.parts[0]).is_dir()):
         found = next(parent for parent in path.parents if parent.is_dir())
         raise InputError(f"--model {name_or_path}: no such folder ({found} is a folder here: "
                          "a path, not a Hugging Face id)")
@@ -374,7 +385,6 @@ def model_folder(name_or_path):  # --model as transformers takes it; a wrong loc
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         raise InputError(f"--model {name_or_path} is a LoRA adapter, not a model: its base is "
                          f"{base} (give that as --model; toy/evaluate.py --adapter evaluates it)")
-    return name_or_path
 
 
 def cannot_load(name_or_path, error):  # the InputError for a model that does not load
@@ -385,6 +395,7 @@ def cannot_load(name_or_path, error):  # the InputError for a model that does no
 
 def load_tokenizer(name_or_path):
     from transformers import AutoTokenizer
+    check_model_path(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(model_folder(name_or_path))
     except (OSError, ValueError) as error:
@@ -636,6 +647,7 @@ def show_inputs(run, first_inputs):
     what = "sampled" if completion is None else "trained on"
     if completion is None:
         with torch.random.fork_rng([model.device] if model.device.type == "cuda" else []):
+            torch.manual_seed(args.seed)  # every rank the same sample, so the same check result
             completion = engine.generate(model, tokenizer, list(prompts.values())[:1],
                                          args.max_new_tokens, args.temperature, args.top_p,
                                          args.top_k)["completions"][0]
@@ -969,7 +981,8 @@ def save_checkpoint(run):
                 os.fsync(handle.fileno())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in sorted(out.glob("checkpoint-*"))[:-args.keep_checkpoints]:  # sorted by step
+        for old in sorted(folder for folder in out.glob("checkpoint-*")  # sorted by step;
+                          if folder.name <= final.name)[:-args.keep_checkpoints]:  # not newer ones
             shutil.rmtree(old)
     if dist.is_initialized():
         dist.barrier()  # no rank goes on before the checkpoint is in place
@@ -1000,14 +1013,22 @@ def checkpoint_damage(folder):
     """'FILE is missing' or 'FILE is damaged' for the first bad file of a checkpoint, or None; read
     without loading: each safetensors header against the file's size, trainer_state.pt's zip
     directory (at its end: a cut file has none), the JSON files parsed."""
-    weights = sorted(folder.glob("*.safetensors")) or [folder / "adapter_model.safetensors"]
-    for path in weights + [folder / name for name in ("trainer_state.pt", "state.json", "args.json")]:
-        if not path.is_file():
-            return f"{path} is missing"
-        try:
+    full = (folder / "config.json").is_file()  # a model folder, else an adapter
+    config = folder / ("config.json" if full else "adapter_config.json")
+    path = index = folder / "model.safetensors.index.json"  # a --full checkpoint in shards
+    try:
+        weights = sorted({folder / name for name in json.loads(index.read_text())["weight_map"]
+                          .values()}) if index.is_file() else \
+            sorted(folder.glob("*.safetensors")) or [folder / "adapter_model.safetensors"]
+        for path in weights + [folder / name for name in (config.name, "trainer_state.pt",
+                                                             "state.json", "args.json")]:
+            if not path.is_file():
+                return f"{path} is missing"
             if path.suffix == ".safetensors":  # 8 bytes: the header's size; the header: JSON
                 with open(path, "rb") as file:
                     header_size = int.from_bytes(file.read(8), "little")
+                    if header_size > path.stat().st_size - 8:
+                        raise ValueError("cut short")
                     header = json.loads(file.read(header_size))
                 data = max((entry["data_offsets"][1] for name, entry in header.items()
                             if name != "__metadata__"), default=0)
@@ -1017,8 +1038,8 @@ def checkpoint_damage(folder):
                 zipfile.ZipFile(path).close()
             else:
                 json.loads(path.read_text())
-        except (ValueError, KeyError, TypeError, zipfile.BadZipFile):
-            return f"{path} is damaged"
+    except (ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile):
+        return f"{path} is damaged"
     return None
 
 

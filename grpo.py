@@ -257,8 +257,8 @@ def step_metrics(args, rollouts, rewards, kept_tokens, totals, gap):
     """The step's log, and why nothing trains when every group's rewards are equal (else None):
     the mean reward, its spread within groups (their mean standard deviation: advantages need it)
     and the share of groups without any, the completions' length and truncated share, the policy's
-    entropy, the clipped share of the kept tokens (and the KL to the reference), the gap, the
-    loss."""
+    entropy (over the trained rows: with beta 0, the groups with a spread), the clipped share of
+    the kept tokens (and the KL to the reference), the gap, the loss."""
     group_size = args.num_generations
     scored_tokens = max(1, kept_tokens * args.num_iterations)  # kept_tokens: of all ranks
     group_std = rewards.view(-1, group_size).std(dim=1)  # [prompts]
@@ -271,7 +271,7 @@ def step_metrics(args, rollouts, rewards, kept_tokens, totals, gap):
                "clip_fraction": common.global_sum(totals["clipped"]) / scored_tokens,
                **({"kl": common.global_sum(totals["kl"]) / scored_tokens} if args.beta > 0 else {}),
                **common.logprob_gap(*gap), "loss": common.global_sum(totals["loss"])}
-    stalled = None if metrics["zero_std_fraction"] < 1 else (
+    stalled = None if metrics["zero_std_fraction"] < 1 or args.beta > 0 else (
         "every group's rewards are equal (all right or all wrong), so every advantage is 0: give "
         "problems this model solves sometimes, or raise --num-generations or --temperature, or "
         "add --format-reward")

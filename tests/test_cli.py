@@ -30,6 +30,7 @@ def a_run(folder, **saved_args):
     save_file({"weight": torch.zeros(2)}, checkpoint / "adapter_model.safetensors")
     torch.save({}, checkpoint / "trainer_state.pt")
     (checkpoint / "state.json").write_text("{}")
+    (checkpoint / "adapter_config.json").write_text("{}")
     (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     return folder
 

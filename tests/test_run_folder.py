@@ -84,12 +84,14 @@ def test_a_damaged_checkpoint_resumes_from_the_newest_intact_one(damage, tmp_pat
         damaged.unlink()
     files = {path.name: path.read_bytes() for path in newest.iterdir()}
     capsys.readouterr()
-    sft.main(QUICK + ["--steps", "3", "--save-every", "2", "--out", str(out), "--resume"])
+    sft.main(QUICK + ["--steps", "3", "--save-every", "2", "--keep-checkpoints", "1", "--out",
+                      str(out), "--resume"])
     output = capsys.readouterr().out
     assert f"{damaged} is {damage}" in output
     assert f"resuming from {out / 'checkpoint-000002'}, the newest intact checkpoint" in output
     assert losses(out)[3] == straight[3]  # the step after the intact checkpoint, exactly
     assert {path.name: path.read_bytes() for path in newest.iterdir()} == files  # left as it is
+    assert (out / "checkpoint-000003").is_dir()  # kept: the damaged newer one is not counted
 
 
 def test_no_intact_checkpoint_stops_in_one_line(tmp_path, capsys):
@@ -97,9 +99,12 @@ def test_no_intact_checkpoint_stops_in_one_line(tmp_path, capsys):
     sft.main(QUICK + ["--steps", "2", "--keep-checkpoints", "2", "--out", str(out)])
     for checkpoint in out.glob("checkpoint-*"):
         (checkpoint / "trainer_state.pt").write_bytes(b"not a zip")
+    weights = out / "checkpoint-000001" / "adapter_model.safetensors"
+    weights.write_bytes((2 ** 62).to_bytes(8, "little") + weights.read_bytes()[8:])  # a wild header
     error = one_line_error(QUICK + ["--out", str(out), "--resume"], capsys)
     assert error.startswith(f"error: --resume: no intact checkpoint in {out}")
     assert "checkpoint-000002/trainer_state.pt is damaged" in error
+    assert "checkpoint-000001/adapter_model.safetensors is damaged" in error
 
 
 def test_resume_refuses_when_there_is_nothing_to_resume(tmp_path, capsys):
@@ -123,7 +128,12 @@ def test_resume_with_other_steps_says_what_becomes_of_the_schedule(tmp_path, cap
             "steps") in capsys.readouterr().out
 
 
-def test_a_mistyped_local_model_path_or_an_adapter_as_model_stops_at_once(tmp_path, capsys):
+def test_a_mistyped_local_model_path_or_an_adapter_as_model_stops_at_once(tmp_path, capsys,
+                                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    error = one_line_error(["--model", "./typo", "--out", str(tmp_path / "out")], capsys)
+    assert "--model ./typo: no such folder" in error
+    common.check_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")  # an id: no local folder
     started = time.time()
     error = one_line_error(["--model", str(tmp_path / "SmolLM2-135M-Instruc"), "--out",
                             str(tmp_path / "out")], capsys)

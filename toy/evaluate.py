@@ -37,7 +37,7 @@ def evaluate_model(args):
     if args.adapter:
         try:
             load_lora(model, args.adapter)
-        except ValueError:  # an adapter of another base model
+        except (ValueError, RuntimeError):  # an adapter of another base model (its keys, shapes)
             raise common.InputError(
                 f"--adapter {args.adapter} does not fit --model {args.model}: its "
                 f"adapter_config.json names {adapter_base(args.adapter)} as its base") from None
