@@ -68,6 +68,14 @@ def logprobs_of(logits, targets, temperature=1.0):
     return scaled.gather(-1, targets[:, None]).squeeze(-1) - scaled.logsumexp(-1)
 
 
+def entropy_of(logits, temperature=1.0):
+    """-sum_v p_v log p_v of p = softmax(logits / temperature): [..., V] -> [...] float32, without
+    gradient (a health metric: it falls as a policy collapses)."""
+    with torch.no_grad():
+        log_p = F.log_softmax(logits.float() / temperature, dim=-1)
+        return -(log_p.exp() * log_p).sum(-1)
+
+
 def restrict(logits, top_p, top_k):
     """logits [N, V] with -inf outside the top_k most likely tokens, then outside the most likely
     tokens whose probability reaches top_p (`sample_next_token`)."""
@@ -429,16 +437,11 @@ def chunked_output_layer(function, tensors, chunk_size, parameters):
 def target_logprobs(model, hidden, targets, temperature=1.0, chunk_size=128, entropy=False):
     """log softmax(output_logits(model, hidden) / temperature) at the targets: hidden [n, H],
     targets [n] -> [n] float32, `chunk_size` positions at a time (RL: the sampling temperature).
-    entropy=True: also each position's entropy -sum_v p_v log p_v [n], from the same chunk's
-    logits, without gradient (a run's health: it falls as the policy collapses)."""
+    entropy=True: also each position's `entropy_of` [n], from the same chunk's logits."""
     def chunk_logprobs(hidden_chunk, target_chunk):
         logits = output_logits(model, hidden_chunk).float() / temperature  # [c, V]
         logprobs = -F.cross_entropy(logits, target_chunk, reduction="none")  # [c]
-        if not entropy:
-            return logprobs
-        with torch.no_grad():
-            log_p = logits.log_softmax(-1)
-            return logprobs, -(log_p.exp() * log_p).sum(-1, keepdim=True)  # [c], [c, 1]
+        return (logprobs, entropy_of(logits)[:, None]) if entropy else logprobs  # [c], [c, 1]
     values = chunked_output_layer(chunk_logprobs, [hidden, targets], chunk_size,
                                   list(model.get_output_embeddings().parameters()))
     return (values[0], values[1][:, 0]) if entropy else values

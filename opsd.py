@@ -75,9 +75,7 @@ def divergence(student, student_hidden, teacher, teacher_hidden, weights, normal
     completion log-probabilities or None)."""
     def per_position(student_logits, teacher_logits, *targets):  # [c, V] each -> [c], [c, 3 or 4]
         logprobs = [engine.logprobs_of(student_logits, targets[0], temperature)] if targets else []
-        with torch.no_grad():  # the student's entropy, a health metric: the whole vocabulary
-            log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
-            entropy = -(log_p.exp() * log_p).sum(-1)
+        entropy = engine.entropy_of(student_logits, temperature)  # [c]: the whole vocabulary
         if top_k:
             student_logits, teacher_logits = top_k_logits(student_logits, teacher_logits, top_k)
         loss, uncapped, capped_mass = pointwise_divergence(student_logits, teacher_logits, beta,

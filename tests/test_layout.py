@@ -46,7 +46,7 @@ def test_at_most_one_method_imports_another_and_nothing_imports_back():
 
 
 # The shape of issue 30: each main() is its method's textbook algorithm, every variant one call away.
-BUDGETS = {"common.py": 910, "opsd.py": 400, "engine.py": 400}  # non-blank lines (common: +160 in issue 31)
+BUDGETS = {"common.py": 900, "opsd.py": 400, "engine.py": 400}  # non-blank lines (common: +150 in issue 31)
 README_LINES = 480
 MAIN_LINES = 50  # each script's main(), from `def main` to its last line
 
